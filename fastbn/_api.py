@@ -1,0 +1,387 @@
+"""The public functions: argument checks, device choice, and the two steps on the channel view.
+
+Every check runs before anything is computed or written, so a call that raises leaves all of its
+arguments as they were.
+"""
+import math
+import numbers
+import operator
+from typing import NamedTuple
+
+import numpy as np
+
+from . import cpu
+from ._layout import ChannelView
+
+_DATA_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+class BatchStats(NamedTuple):
+    """The per-channel statistics a forward pass normalized with, as ``backward`` needs them.
+
+    Attributes
+    ----------
+    mean : ndarray, shape (C,), float64
+        Batch mean in training, ``running_mean`` in eval.
+    invstd : ndarray, shape (C,), float64
+        ``1 / sqrt(var + eps)``, with the biased batch variance in training, ``running_var`` in eval.
+    """
+
+    mean: np.ndarray
+    invstd: np.ndarray
+
+
+def cuda_available():
+    """Whether fastbn can run on a CUDA GPU here: False, since this release has CPU kernels only."""
+    return False
+
+
+# -- checks ------------------------------------------------------------------------------------
+
+
+def _is_cuda_array(a):
+    return hasattr(a, "__cuda_array_interface__") and not isinstance(a, np.ndarray)
+
+
+def _choose_device(device, *arrays):
+    if device not in (None, "cpu", "cuda"):
+        raise ValueError(f"device must be None, 'cpu' or 'cuda', got {device!r}")
+    on_gpu = any(_is_cuda_array(a) for a in arrays)
+    if device == "cuda" or (device is None and on_gpu):
+        raise RuntimeError("fastbn was asked to run on CUDA, but this release has CPU kernels only "
+                           "(fastbn.cuda_available() is False); pass NumPy arrays, or device='cpu'")
+    if on_gpu:
+        raise TypeError("device='cpu' needs NumPy arrays, but a CUDA array was given; copy it to "
+                        "the host first")
+
+
+def _data(name, a):
+    arr = np.asarray(a)
+    if arr.dtype not in _DATA_DTYPES:
+        raise TypeError(f"{name} must be a float32 or float64 array, got dtype {arr.dtype} "
+                        f"(shape {arr.shape})")
+    return arr
+
+
+def _channel_axis(axis, x):
+    try:
+        axis = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"axis must be an integer, got {axis!r}") from None
+    if x.ndim < 2:
+        raise ValueError(f"x must have at least 2 dimensions (a batch axis and a channel axis), "
+                         f"got shape {x.shape}")
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"axis {axis} is out of range for x of shape {x.shape}")
+    return axis % x.ndim
+
+
+def _per_channel(name, a, x, axis):
+    """A read-only per-channel parameter (gamma, beta) as float64, or None."""
+    if a is None:
+        return None
+    arr = np.asarray(a)
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be a real-valued array, got dtype {arr.dtype}")
+    _check_channels(name, arr, x, axis)
+    return arr.astype(np.float64)
+
+
+def _check_channels(name, arr, x, axis):
+    channels = x.shape[axis]
+    if arr.shape != (channels,):
+        raise ValueError(f"{name} must have shape ({channels},), one value per channel of x "
+                         f"(shape {x.shape}, channel axis {axis}), got shape {arr.shape}")
+
+
+def _running(name, a, x, axis, updated):
+    if not isinstance(a, np.ndarray) or a.dtype.kind != "f":
+        kind = f"dtype {a.dtype}" if isinstance(a, np.ndarray) else type(a).__name__
+        raise TypeError(f"{name} must be a floating-point NumPy array, got {kind}")
+    _check_channels(name, a, x, axis)
+    if updated and not a.flags.writeable:
+        raise ValueError(f"{name} is read-only, but training updates it in place")
+
+
+def _real(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    return float(value)
+
+
+def _check_out(out, like, **inputs):
+    if out is None:
+        return
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
+    if out.dtype != like.dtype:
+        raise TypeError(f"out must have x's dtype {like.dtype}, got {out.dtype}")
+    if out.shape != like.shape:
+        raise ValueError(f"out must have x's shape {like.shape}, got {out.shape}")
+    if not out.flags.writeable:
+        raise ValueError(f"out is read-only (shape {out.shape})")
+    for name, a in inputs.items():
+        same = (out.__array_interface__["data"][0] == a.__array_interface__["data"][0]
+                and out.strides == a.strides)
+        if not same and np.shares_memory(out, a):
+            raise ValueError(f"out (shape {out.shape}, strides {out.strides}) partly overlaps "
+                             f"{name} (strides {a.strides}); it may be {name} itself, or separate")
+
+
+def _values_per_channel(x, axis):
+    return math.prod(n for k, n in enumerate(x.shape) if k != axis)
+
+
+# -- forward and backward ----------------------------------------------------------------------
+
+
+def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=None,
+            running_var=None, momentum=0.1, eps=1e-5, out=None, device=None):
+    """Batch normalization of ``x`` over every axis but the channel ``axis``.
+
+    Parameters
+    ----------
+    x : ndarray, float32 or float64, ndim >= 2
+        The batch. Any layout: N×D and N×C×H×W with ``axis=1``, N×H×W×C with ``axis=-1``, ...
+    gamma, beta : array_like, shape (C,), optional
+        Scale and shift; ``None`` means 1 and 0.
+    axis : int
+        The channel axis.
+    training : bool
+        True: normalize with the batch mean and biased batch variance, and update
+        ``running_mean``/``running_var`` in place if given (PyTorch's convention, unbiased variance).
+        False: normalize with ``running_mean``/``running_var``, which are required and not modified.
+    running_mean, running_var : ndarray, shape (C,), optional
+        Floating-point arrays, both or neither; updated in their own dtype.
+    momentum : float in [0, 1]
+        ``running = (1 - momentum) * running + momentum * batch``.
+    eps : float > 0
+        Added to the variance.
+    out : ndarray, optional
+        Where to write y: x's shape and dtype; may be ``x`` itself.
+    device : {None, "cpu", "cuda"}
+        None picks by where x lives.
+
+    Returns
+    -------
+    y : ndarray
+        x's shape and dtype (``out`` if given).
+    stats : BatchStats
+        The float64 ``(mean, invstd)`` used, for ``backward``.
+    """
+    _choose_device(device, x, out)
+    x = _data("x", x)
+    axis = _channel_axis(axis, x)
+    gamma = _per_channel("gamma", gamma, x, axis)
+    beta = _per_channel("beta", beta, x, axis)
+    eps = _real("eps", eps)
+    if not eps > 0 or math.isinf(eps):
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var go together: pass both or neither")
+    count = _values_per_channel(x, axis)
+    if training:
+        momentum = _real("momentum", momentum)
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must lie in [0, 1], got {momentum!r}")
+        if count < 2:
+            raise ValueError(f"training needs more than one value per channel, but x of shape "
+                             f"{x.shape} has {count} per channel (channel axis {axis})")
+    elif running_mean is None:
+        raise ValueError("training=False normalizes with running_mean and running_var; pass both")
+    if running_mean is not None:
+        _running("running_mean", running_mean, x, axis, updated=training)
+        _running("running_var", running_var, x, axis, updated=training)
+    _check_out(out, x, x=x)
+
+    view = ChannelView(x, axis)
+    x3 = view.of(x)
+    channels = x3.shape[1]
+    if training:
+        # Statistics of x − s, s one value of each channel: a large offset never enters a sum.
+        shift = x3[0, :, 0].astype(np.float64)
+        offset, m2 = cpu.moments(x3, shift)
+        var = m2 / count
+        mean = shift + offset
+    else:
+        mean = shift = running_mean.astype(np.float64)
+        offset = np.zeros(channels)
+        var = running_var.astype(np.float64)
+    invstd = 1.0 / np.sqrt(var + eps)
+    scale = invstd if gamma is None else gamma * invstd
+    bias = np.zeros(channels) if beta is None else beta
+
+    y, y3, pending = view.output(out, x.dtype)
+    if x3.size:
+        # Centred, a·((x − s) − δ) + b: the folded a·x + (b − a·μ) would lose digits when |μ| ≫ σ.
+        cpu.affine(x3, y3, shift, offset, scale, bias)
+    if pending is not None:
+        y[...] = pending
+    if training and running_mean is not None:
+        running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
+        running_var[...] = (1.0 - momentum) * running_var + momentum * var * (count / (count - 1))
+    return y, BatchStats(mean, invstd)
+
+
+def backward(dy, x, stats, gamma=None, *, axis=1, training=True, out=None, device=None):
+    """Gradients of batch normalization: ``dx, dgamma, dbeta`` from ``dy = ∂loss/∂y``.
+
+    Parameters
+    ----------
+    dy : ndarray
+        Gradient with respect to y: x's shape and dtype.
+    x : ndarray
+        The forward pass's input.
+    stats : BatchStats or (mean, invstd)
+        What the forward pass returned.
+    gamma : array_like, shape (C,), optional
+        The forward pass's scale; ``None`` means 1.
+    axis : int
+        The channel axis.
+    training : bool
+        True: the gradient flows through the batch statistics,
+        ``dx = γ·invstd·(dy − mean(dy) − x̂·mean(dy·x̂))``. False: they are constants,
+        ``dx = γ·invstd·dy``.
+    out : ndarray, optional
+        Where to write dx: x's shape and dtype; may be ``dy`` or ``x`` itself.
+    device : {None, "cpu", "cuda"}
+        None picks by where the arrays live.
+
+    Returns
+    -------
+    dx : ndarray
+        x's shape and dtype (``out`` if given).
+    dgamma, dbeta : ndarray, shape (C,)
+        ``Σ dy·x̂`` and ``Σ dy``, in gamma's dtype (x's if gamma is None or not floating).
+    """
+    _choose_device(device, dy, x, out)
+    x = _data("x", x)
+    dy = _data("dy", dy)
+    if dy.dtype != x.dtype:
+        raise TypeError(f"dy must have x's dtype {x.dtype}, got {dy.dtype}")
+    if dy.shape != x.shape:
+        raise ValueError(f"dy must have x's shape {x.shape}, got {dy.shape}")
+    axis = _channel_axis(axis, x)
+    try:
+        mean, invstd = stats
+    except (TypeError, ValueError):
+        raise TypeError("stats must be the BatchStats (mean, invstd) that forward returned") from None
+    mean = _per_channel("stats.mean", mean, x, axis)
+    invstd = _per_channel("stats.invstd", invstd, x, axis)
+    grad_dtype = x.dtype
+    if gamma is not None and np.asarray(gamma).dtype.kind == "f":
+        grad_dtype = np.asarray(gamma).dtype
+    gamma = _per_channel("gamma", gamma, x, axis)
+    _check_out(out, x, x=x, dy=dy)
+
+    view = ChannelView(x, axis)
+    x3 = view.of(x)
+    dy3 = view.of(dy)
+    channels = x3.shape[1]
+    count = x3.shape[0] * x3.shape[2]
+    if x3.size:
+        sum_dy, sum_dy_xmu = cpu.grad_sums(dy3, x3, mean)
+    else:
+        sum_dy = sum_dy_xmu = np.zeros(channels)
+    p = invstd if gamma is None else gamma * invstd
+
+    dx, dx3, pending = view.output(out, x.dtype)
+    if x3.size and training:
+        q = -p * invstd * invstd * sum_dy_xmu / count
+        r = -p * sum_dy / count
+        cpu.grad_map(dy3, x3, dx3, mean, p, q, r)
+    elif x3.size:
+        zeros = np.zeros(channels)
+        cpu.affine(dy3, dx3, zeros, zeros, p, zeros)
+    if pending is not None:
+        dx[...] = pending
+    return dx, (sum_dy_xmu * invstd).astype(grad_dtype), sum_dy.astype(grad_dtype)
+
+
+# -- eval-mode batch norm as one multiply-add --------------------------------------------------
+
+
+def _affine64(gamma, beta, running_mean, running_var, eps):
+    """float64 ``(scale, shift)`` of eval-mode BN, and the dtype the caller should return."""
+    arrays = {"running_mean": running_mean, "running_var": running_var}
+    for name, a in arrays.items():
+        a = np.asarray(a)
+        if a.dtype.kind not in "fiu" or a.ndim != 1:
+            raise TypeError(f"{name} must be a 1-D real array, got dtype {a.dtype} and shape "
+                            f"{a.shape}")
+    channels = np.shape(running_mean)[0]
+    reference = np.empty((1, channels))
+    gamma = _per_channel("gamma", gamma, reference, 1)
+    beta = _per_channel("beta", beta, reference, 1)
+    mean = _per_channel("running_mean", running_mean, reference, 1)
+    var = _per_channel("running_var", running_var, reference, 1)
+    eps = _real("eps", eps)
+    if not eps > 0 or math.isinf(eps):
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    scale = 1.0 / np.sqrt(var + eps)
+    if gamma is not None:
+        scale = gamma * scale
+    shift = -mean * scale
+    if beta is not None:
+        shift = shift + beta
+    floats = [np.asarray(a).dtype for a in (gamma, beta, running_mean, running_var)
+              if a is not None and np.asarray(a).dtype.kind == "f"]
+    return scale, shift, np.result_type(*floats) if floats else np.dtype(np.float64)
+
+
+def inference_affine(gamma, beta, running_mean, running_var, eps=1e-5):
+    """Eval-mode batch norm as one multiply-add per channel: ``y = scale·x + shift``.
+
+    Parameters
+    ----------
+    gamma, beta : array_like, shape (C,), or None
+        Scale and shift of the BN layer (None: 1 and 0).
+    running_mean, running_var : array_like, shape (C,)
+        Its running statistics.
+    eps : float
+        Added to the variance.
+
+    Returns
+    -------
+    scale, shift : ndarray, shape (C,)
+        ``scale = γ/sqrt(var + eps)``, ``shift = β − mean·scale``, in the inputs' floating dtype.
+        This folded form loses digits when |mean| ≫ std; ``forward(training=False)`` does not.
+    """
+    scale, shift, dtype = _affine64(gamma, beta, running_mean, running_var, eps)
+    return scale.astype(dtype), shift.astype(dtype)
+
+
+def fold(weight, bias, gamma, beta, running_mean, running_var, eps=1e-5):
+    """Fold an eval-mode BN into the Linear or Conv layer before it.
+
+    Parameters
+    ----------
+    weight : ndarray, shape (C, ...)
+        The layer's weight, output channels on axis 0 (PyTorch's layout: Linear ``(out, in)``,
+        Conv2d ``(out, in, kh, kw)``).
+    bias : ndarray, shape (C,), or None
+        The layer's bias.
+    gamma, beta, running_mean, running_var, eps
+        The BN layer, as for ``inference_affine``.
+
+    Returns
+    -------
+    weight, bias : ndarray
+        New arrays, in weight's dtype, such that the layer with them equals layer-then-BN.
+    """
+    weight = np.asarray(weight)
+    if weight.dtype.kind != "f":
+        raise TypeError(f"weight must be a floating-point array, got dtype {weight.dtype}")
+    scale, shift, _ = _affine64(gamma, beta, running_mean, running_var, eps)
+    if weight.ndim < 1 or weight.shape[0] != scale.shape[0]:
+        raise ValueError(f"weight's axis 0 must hold the {scale.shape[0]} output channels of the BN "
+                         f"layer, got weight of shape {weight.shape}")
+    if bias is not None:
+        bias = np.asarray(bias)
+        if bias.dtype.kind not in "fiu":
+            raise TypeError(f"bias must be a real-valued array, got dtype {bias.dtype}")
+        if bias.shape != scale.shape:
+            raise ValueError(f"bias must have shape {scale.shape}, got {bias.shape}")
+        shift = shift + bias.astype(np.float64) * scale
+    folded = weight.astype(np.float64) * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
+    return folded.astype(weight.dtype), shift.astype(weight.dtype)

@@ -1,0 +1,48 @@
+"""The one place that turns an array and its channel axis into the ``(outer, C, inner)`` view.
+
+N×D becomes ``(N, D, 1)``, N×C×H×W ``(N, C, H·W)``, N×H×W×C ``(N·H·W, C, 1)``: a reshape, never a
+copy. An array whose axes are merely permuted in memory (a transposed NHWC array read as NCHW, a
+Fortran-order array) is viewed in its memory order, so it is not copied either; only an array with
+gaps or negative strides is copied to a contiguous one.
+"""
+import math
+
+import numpy as np
+
+
+class ChannelView:
+    """How arrays of one shape, memory order and channel axis map onto ``(outer, C, inner)``."""
+
+    def __init__(self, x, axis):
+        perm = tuple(range(x.ndim))
+        if not x.flags.c_contiguous:
+            by_stride = tuple(sorted(perm, key=lambda a: -x.strides[a]))
+            if x.transpose(by_stride).flags.c_contiguous:
+                perm = by_stride
+        self.perm = perm
+        self.inverse = tuple(np.argsort(perm))
+        self.memory_shape = tuple(x.shape[a] for a in perm)
+        k = perm.index(axis)
+        self.shape = (math.prod(self.memory_shape[:k]), x.shape[axis],
+                      math.prod(self.memory_shape[k + 1:]))
+
+    def of(self, a):
+        """``a`` (x's shape) as ``(outer, C, inner)``: a view if ``a`` is laid out like x, else a copy."""
+        return np.ascontiguousarray(a.transpose(self.perm)).reshape(self.shape)
+
+    def output(self, out, dtype):
+        """Where a kernel writes a result of x's shape.
+
+        Returns ``(result, result3, pending)``: the array to hand back, the ``(outer, C, inner)``
+        array the kernel writes, and ``None`` or a buffer to copy into ``out`` afterwards (when
+        ``out`` is not laid out like x). A new result has x's memory order, like ``np.empty_like``.
+        """
+        if out is not None:
+            in_order = out.transpose(self.perm)
+            if in_order.flags.c_contiguous:
+                return out, in_order.reshape(self.shape), None
+        buffer = np.empty(self.memory_shape, dtype)
+        result = buffer.transpose(self.inverse)
+        if out is None:
+            return result, buffer.reshape(self.shape), None
+        return out, buffer.reshape(self.shape), result

@@ -1,0 +1,371 @@
+"""CPU kernels: Numba-parallel per-channel reductions and affine maps.
+
+Every kernel works on the ``(outer, C, inner)`` view built by ``fastbn._layout``, in one of two
+cases:
+
+* planar (``inner > 1``): channel ``c`` is ``outer`` contiguous runs ``x[o, c, :]``;
+* channels-last (``inner == 1``, passed as the 2-D ``(rows, C)`` view): every row holds all channels,
+  so loops run across C and vectorize there.
+
+Each case has the same few steps:
+
+========== =============================== ==========================================
+step       forward                         backward
+========== =============================== ==========================================
+reduce     ``(count, mean, M2)`` of x      ``Σdy``, ``Σdy·(x − μ)``
+map        ``y = a·((x − s) − δ) + b``     ``dx = p·dy + q·(x − μ) + r``
+========== =============================== ==========================================
+
+Numerics (DESIGN.md §3): all arithmetic is float64 whatever x's dtype. Statistics are taken of
+``x − s``, with ``s`` one value of the channel, so that a large common offset never enters a sum.
+Each chunk of a channel is reduced exactly, with two passes while it sits in cache, and chunks are
+merged with Chan et al.'s formula in chunk order. Chunk boundaries depend on the shape and the block
+sizes below only, never on the thread count, so results are bitwise reproducible.
+
+The block sizes are read at call time, so tests can shrink them to run the multi-chunk paths on
+small shapes.
+"""
+import numpy as np
+from numba import njit, prange
+
+CHUNK = 8192  # planar: elements of one channel reduced exactly (two passes, in L1/L2)
+TILE = 8192  # channels-last: elements of a (rows x columns) tile reduced exactly in cache
+SEGMENT = 1 << 18  # channels-last: elements per parallel work item (bounds the partials buffer)
+COLUMN_BLOCK = 1024  # channels-last: columns per work item, so wide rows still give many items
+
+# Only the innermost sums of the planar reduction need reassociation (to vectorize). It lives in
+# small helpers of its own: fast-math flags are per instruction, so the caller's compensated
+# arithmetic, such as ((c + m) - c), is never simplified away.
+_SUM_MATH = {"reassoc", "contract", "nsz"}
+# The maps may fuse a·t + b into one rounding, nothing more.
+_MAP_MATH = {"contract"}
+_jit = dict(cache=True, nogil=True)
+
+
+# -- planar -----------------------------------------------------------------------------------
+
+
+@njit(fastmath=_SUM_MATH, **_jit)
+def _sum_minus(run, centre):
+    s = 0.0
+    for v in run:
+        s += v - centre
+    return s
+
+
+@njit(fastmath=_SUM_MATH, **_jit)
+def _sums_of_deviations(run, centre):
+    s = 0.0
+    ss = 0.0
+    for v in run:
+        d = v - centre
+        s += d
+        ss += d * d
+    return s, ss
+
+
+@njit(fastmath=_SUM_MATH, **_jit)
+def _sums_for_gradient(dy_run, x_run, mean):
+    s = 0.0
+    sx = 0.0
+    for i in range(dy_run.size):
+        g = np.float64(dy_run[i])
+        s += g
+        sx += g * (x_run[i] - mean)
+    return s, sx
+
+
+@njit(**_jit)
+def _planar_chunk(j, outer, inner, rows, pieces):
+    """Rows ``[r0, r1)`` and columns ``[i0, i1)`` of planar chunk ``j``."""
+    piece = (inner + pieces - 1) // pieces
+    r0 = (j // pieces) * rows
+    i0 = (j % pieces) * piece
+    return r0, min(r0 + rows, outer), i0, min(i0 + piece, inner)
+
+
+@njit(parallel=True, **_jit)
+def _planar_moments(x, shift, rows, pieces):
+    outer, channels, inner = x.shape
+    chunks = (outer + rows - 1) // rows * pieces
+    counts = np.empty(chunks)
+    means = np.empty((chunks, channels))
+    m2s = np.empty((chunks, channels))
+    for w in prange(channels * chunks):
+        c = w // chunks
+        j = w % chunks
+        r0, r1, i0, i1 = _planar_chunk(j, outer, inner, rows, pieces)
+        n = (r1 - r0) * (i1 - i0)
+        s = 0.0
+        for r in range(r0, r1):
+            s += _sum_minus(x[r, c, i0:i1], shift[c])
+        # Second pass about the chunk's own mean, corrected (Chan, Golub & LeVeque): exact even
+        # when the first pass's mean is off, and a constant chunk gives M2 = 0 exactly.
+        centre = shift[c] + s / n
+        sd = 0.0
+        sdd = 0.0
+        for r in range(r0, r1):
+            a, b = _sums_of_deviations(x[r, c, i0:i1], centre)
+            sd += a
+            sdd += b
+        means[j, c] = (centre - shift[c]) + sd / n
+        m2 = sdd - sd * sd / n
+        m2s[j, c] = 0.0 if m2 < 0.0 else m2  # rounding only; NaN passes through
+    for j in range(chunks):
+        r0, r1, i0, i1 = _planar_chunk(j, outer, inner, rows, pieces)
+        counts[j] = (r1 - r0) * (i1 - i0)
+    return _merge(counts, means, m2s)
+
+
+@njit(parallel=True, **_jit)
+def _planar_grad_sums(dy, x, mean, rows, pieces):
+    outer, channels, inner = x.shape
+    chunks = (outer + rows - 1) // rows * pieces
+    sums = np.empty((2, chunks, channels))
+    for w in prange(channels * chunks):
+        c = w // chunks
+        j = w % chunks
+        r0, r1, i0, i1 = _planar_chunk(j, outer, inner, rows, pieces)
+        s = 0.0
+        sx = 0.0
+        for r in range(r0, r1):
+            a, b = _sums_for_gradient(dy[r, c, i0:i1], x[r, c, i0:i1], mean[c])
+            s += a
+            sx += b
+        sums[0, j, c] = s
+        sums[1, j, c] = sx
+    return _add_partials(sums)
+
+
+@njit(parallel=True, fastmath=_MAP_MATH, **_jit)
+def _planar_affine(x, y, shift, offset, scale, bias):
+    outer, channels, inner = x.shape
+    for w in prange(outer * channels):
+        o = w // channels
+        c = w % channels
+        s, d, a, b = shift[c], offset[c], scale[c], bias[c]
+        xr = x[o, c]
+        yr = y[o, c]
+        for i in range(inner):
+            yr[i] = a * ((xr[i] - s) - d) + b
+
+
+@njit(parallel=True, fastmath=_MAP_MATH, **_jit)
+def _planar_grad_map(dy, x, dx, mean, p, q, r):
+    outer, channels, inner = x.shape
+    for w in prange(outer * channels):
+        o = w // channels
+        c = w % channels
+        m, pc, qc, rc = mean[c], p[c], q[c], r[c]
+        gr = dy[o, c]
+        xr = x[o, c]
+        dxr = dx[o, c]
+        for i in range(inner):
+            dxr[i] = pc * gr[i] + qc * (xr[i] - m) + rc
+
+
+# -- channels-last ----------------------------------------------------------------------------
+
+
+@njit(parallel=True, **_jit)
+def _rows_moments(x, shift, segment_rows, tile_rows, column_block):
+    rows, channels = x.shape
+    segments = (rows + segment_rows - 1) // segment_rows
+    blocks = (channels + column_block - 1) // column_block
+    counts = np.empty(segments)
+    means = np.empty((segments, channels))
+    m2s = np.empty((segments, channels))
+    for w in prange(segments * blocks):
+        g = w // blocks
+        c0 = (w % blocks) * column_block
+        c1 = min(c0 + column_block, channels)
+        width = c1 - c0
+        r0 = g * segment_rows
+        r1 = min(r0 + segment_rows, rows)
+        s = shift[c0:c1]
+        mean = means[g, c0:c1]
+        m2 = m2s[g, c0:c1]
+        centre = np.empty(width)
+        sd = np.empty(width)
+        sdd = np.empty(width)
+        n = 0.0
+        for t0 in range(r0, r1, tile_rows):
+            t1 = min(t0 + tile_rows, r1)
+            nt = np.float64(t1 - t0)
+            # Exact statistics of the tile (two passes, in cache), as in the planar case.
+            centre[:] = 0.0
+            for r in range(t0, t1):
+                xr = x[r, c0:c1]
+                for k in range(width):
+                    centre[k] += xr[k] - s[k]
+            for k in range(width):
+                centre[k] = s[k] + centre[k] / nt
+            sd[:] = 0.0
+            sdd[:] = 0.0
+            for r in range(t0, t1):
+                xr = x[r, c0:c1]
+                for k in range(width):
+                    d = xr[k] - centre[k]
+                    sd[k] += d
+                    sdd[k] += d * d
+            # Chan merge of the tile into the segment's running moments.
+            total = n + nt
+            w_tile = nt / total
+            w_cross = n * nt / total
+            for k in range(width):
+                tile_mean = (centre[k] - s[k]) + sd[k] / nt
+                tile_m2 = sdd[k] - sd[k] * sd[k] / nt
+                if tile_m2 < 0.0:
+                    tile_m2 = 0.0
+                if n == 0.0:
+                    mean[k] = tile_mean
+                    m2[k] = tile_m2
+                else:
+                    delta = tile_mean - mean[k]
+                    mean[k] += delta * w_tile
+                    m2[k] += tile_m2 + delta * delta * w_cross
+            n = total
+        counts[g] = n
+    return _merge(counts, means, m2s)
+
+
+@njit(parallel=True, **_jit)
+def _rows_grad_sums(dy, x, mean, segment_rows, column_block):
+    rows, channels = x.shape
+    segments = (rows + segment_rows - 1) // segment_rows
+    blocks = (channels + column_block - 1) // column_block
+    sums = np.zeros((2, segments, channels))
+    for w in prange(segments * blocks):
+        g = w // blocks
+        c0 = (w % blocks) * column_block
+        c1 = min(c0 + column_block, channels)
+        s = sums[0, g, c0:c1]
+        sx = sums[1, g, c0:c1]
+        m = mean[c0:c1]
+        for r in range(g * segment_rows, min((g + 1) * segment_rows, rows)):
+            gr = dy[r, c0:c1]
+            xr = x[r, c0:c1]
+            for k in range(c1 - c0):
+                v = np.float64(gr[k])
+                s[k] += v
+                sx[k] += v * (xr[k] - m[k])
+    return _add_partials(sums)
+
+
+@njit(parallel=True, fastmath=_MAP_MATH, **_jit)
+def _rows_affine(x, y, shift, offset, scale, bias):
+    rows, channels = x.shape
+    for r in prange(rows):
+        xr = x[r]
+        yr = y[r]
+        for c in range(channels):
+            yr[c] = scale[c] * ((xr[c] - shift[c]) - offset[c]) + bias[c]
+
+
+@njit(parallel=True, fastmath=_MAP_MATH, **_jit)
+def _rows_grad_map(dy, x, dx, mean, p, q, r):
+    rows, channels = x.shape
+    for o in prange(rows):
+        gr = dy[o]
+        xr = x[o]
+        dxr = dx[o]
+        for c in range(channels):
+            dxr[c] = p[c] * gr[c] + q[c] * (xr[c] - mean[c]) + r[c]
+
+
+# -- merging partial results, in chunk order --------------------------------------------------
+
+
+@njit(parallel=True, **_jit)
+def _merge(counts, means, m2s):
+    """Chan et al.'s pairwise update over chunks ``0, 1, ...`` for every channel."""
+    chunks, channels = means.shape
+    mean = np.empty(channels)
+    m2 = np.empty(channels)
+    for c in prange(channels):
+        n = counts[0]
+        mc = means[0, c]
+        m2c = m2s[0, c]
+        for j in range(1, chunks):
+            nj = counts[j]
+            total = n + nj
+            delta = means[j, c] - mc
+            mc += delta * (nj / total)
+            m2c += m2s[j, c] + delta * delta * (n * nj / total)
+            n = total
+        mean[c] = mc
+        m2[c] = m2c
+    return mean, m2
+
+
+@njit(parallel=True, **_jit)
+def _add_partials(sums):
+    kinds, chunks, channels = sums.shape
+    total = np.zeros((kinds, channels))
+    for c in prange(channels):
+        for k in range(kinds):
+            t = 0.0
+            for j in range(chunks):
+                t += sums[k, j, c]
+            total[k, c] = t
+    return total[0], total[1]
+
+
+# -- the steps, as the API calls them ---------------------------------------------------------
+
+
+def _planar_plan(outer, inner):
+    """(rows, pieces): a chunk is ``rows`` whole rows, or one of ``pieces`` parts of a row."""
+    if inner >= CHUNK:
+        return 1, -(-inner // CHUNK)
+    return max(1, CHUNK // inner), 1
+
+
+def _rows_plan(channels):
+    """(segment_rows, tile_rows, column_block) for a channels-last view of ``channels`` columns."""
+    width = min(channels, COLUMN_BLOCK)
+    tile_rows = max(1, TILE // width)
+    segment_rows = max(1, SEGMENT // width // tile_rows) * tile_rows
+    return segment_rows, tile_rows, width
+
+
+def moments(x3, shift):
+    """Per-channel mean of ``x − shift`` and sum of squared deviations ``M2``, both float64.
+
+    ``x3`` is a non-empty C-contiguous ``(outer, C, inner)`` array.
+    """
+    outer, channels, inner = x3.shape
+    if inner == 1:
+        segment_rows, tile_rows, width = _rows_plan(channels)
+        return _rows_moments(x3.reshape(outer, channels), shift, segment_rows, tile_rows, width)
+    return _planar_moments(x3, shift, *_planar_plan(outer, inner))
+
+
+def grad_sums(dy3, x3, mean):
+    """Per-channel ``Σdy`` and ``Σdy·(x − mean)`` in float64, in one pass over dy and x."""
+    outer, channels, inner = x3.shape
+    if inner == 1:
+        segment_rows, _, width = _rows_plan(channels)
+        return _rows_grad_sums(dy3.reshape(outer, channels), x3.reshape(outer, channels), mean,
+                               segment_rows, width)
+    return _planar_grad_sums(dy3, x3, mean, *_planar_plan(outer, inner))
+
+
+def affine(x3, y3, shift, offset, scale, bias):
+    """``y = scale·((x − shift) − offset) + bias`` per channel, written into ``y3``."""
+    outer, channels, inner = x3.shape
+    if inner == 1:
+        _rows_affine(x3.reshape(outer, channels), y3.reshape(outer, channels),
+                     shift, offset, scale, bias)
+    else:
+        _planar_affine(x3, y3, shift, offset, scale, bias)
+
+
+def grad_map(dy3, x3, dx3, mean, p, q, r):
+    """``dx = p·dy + q·(x − mean) + r`` per channel, written into ``dx3``."""
+    outer, channels, inner = x3.shape
+    if inner == 1:
+        shape = (outer, channels)
+        _rows_grad_map(dy3.reshape(shape), x3.reshape(shape), dx3.reshape(shape), mean, p, q, r)
+    else:
+        _planar_grad_map(dy3, x3, dx3, mean, p, q, r)

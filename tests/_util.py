@@ -1,0 +1,66 @@
+"""Small helpers shared by the tests: tolerances, data generators, argument snapshots."""
+import numpy as np
+
+TOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-10}
+DTYPES = (np.float32, np.float64)
+
+
+def tol_for(*dtypes):
+    """The contract's tolerance: 1e-5 if any of the dtypes is float32, else 1e-10."""
+    return max(TOL[np.dtype(d)] for d in dtypes if d is not None)
+
+
+def assert_close(actual, expected, tol, err_msg=""):
+    actual = np.asarray(actual)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape, err_msg)
+    scale = max(1.0, float(np.abs(expected).max())) if expected.size else 1.0
+    np.testing.assert_allclose(actual.astype(np.float64), expected, rtol=tol, atol=tol * scale,
+                               err_msg=err_msg)
+
+
+def bcast(v, ndim, axis):
+    """Reshape a (C,) vector so that it broadcasts along `axis` of an ndim-array."""
+    shape = [1] * ndim
+    shape[axis] = -1
+    return np.asarray(v).reshape(shape)
+
+
+def make_x(rng, shape, axis=1, dtype=np.float64, offset=None, scale=None):
+    """Random data whose channels have different means and spreads."""
+    c = shape[axis]
+    if offset is None:
+        offset = rng.uniform(-3, 3, c)
+    if scale is None:
+        scale = rng.uniform(0.5, 2.0, c)
+    offset = np.broadcast_to(np.asarray(offset, dtype=np.float64), (c,))
+    scale = np.broadcast_to(np.asarray(scale, dtype=np.float64), (c,))
+    x = rng.standard_normal(shape) * bcast(scale, len(shape), axis) + bcast(offset, len(shape), axis)
+    return x.astype(dtype)
+
+
+def make_affine(rng, c, dtype=np.float64):
+    gamma = (rng.uniform(0.5, 2.0, c) * rng.choice([-1.0, 1.0], c)).astype(dtype)
+    beta = rng.uniform(-1.0, 1.0, c).astype(dtype)
+    return gamma, beta
+
+
+def make_running(rng, c, dtype=np.float64):
+    rm = rng.uniform(-1.0, 1.0, c).astype(dtype)
+    rv = rng.uniform(0.5, 2.0, c).astype(dtype)
+    return rm, rv
+
+
+class Snapshot:
+    """Bitwise copies of arrays, to check that a call left them untouched."""
+
+    def __init__(self, **arrays):
+        self.saved = {k: (v, None if v is None else np.array(v, copy=True))
+                      for k, v in arrays.items() if isinstance(v, np.ndarray) or v is None}
+
+    def assert_unchanged(self):
+        for name, (live, copy) in self.saved.items():
+            if live is None:
+                continue
+            assert live.dtype == copy.dtype and live.shape == copy.shape, name
+            assert live.tobytes() == copy.tobytes(), f"{name} was modified"
