@@ -48,8 +48,8 @@ _jit = dict(cache=True, nogil=True)
 @njit(fastmath=_SUM_MATH, **_jit)
 def _sum_minus(run, centre):
     s = 0.0
-    for v in run:
-        s += v - centre
+    for i in range(run.size):  # an index loop: Numba's array iterator does not vectorize
+        s += run[i] - centre
     return s
 
 
@@ -57,8 +57,8 @@ def _sum_minus(run, centre):
 def _sums_of_deviations(run, centre):
     s = 0.0
     ss = 0.0
-    for v in run:
-        d = v - centre
+    for i in range(run.size):
+        d = run[i] - centre
         s += d
         ss += d * d
     return s, ss
