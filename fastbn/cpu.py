@@ -32,6 +32,7 @@ CHUNK = 8192  # planar: elements of one channel reduced exactly (two passes, in 
 TILE = 8192  # channels-last: elements of a (rows x columns) tile reduced exactly in cache
 SEGMENT = 1 << 18  # channels-last: elements per parallel work item (bounds the partials buffer)
 COLUMN_BLOCK = 1024  # channels-last: columns per work item, so wide rows still give many items
+FOLD_WIDTH = 64  # channels-last: rows narrower than this are read several at a time (see _folded)
 
 # Only the innermost sums of the planar reduction need reassociation (to vectorize). It lives in
 # small helpers of its own: fast-math flags are per instruction, so the caller's compensated
@@ -321,12 +322,28 @@ def _planar_plan(outer, inner):
     return max(1, CHUNK // inner), 1
 
 
-def _rows_plan(channels):
-    """(segment_rows, tile_rows, column_block) for a channels-last view of ``channels`` columns."""
-    width = min(channels, COLUMN_BLOCK)
-    tile_rows = max(1, TILE // width)
-    segment_rows = max(1, SEGMENT // width // tile_rows) * tile_rows
-    return segment_rows, tile_rows, width
+def _rows_plan(width):
+    """(segment_rows, tile_rows, column_block) for channels-last rows of ``width`` values."""
+    block = min(width, COLUMN_BLOCK)
+    tile_rows = max(1, TILE // block)
+    segment_rows = max(1, SEGMENT // block // tile_rows) * tile_rows
+    return segment_rows, tile_rows, block
+
+
+def _folded(a, channels):
+    """``[(rows, fold)]``: channels-last rows read ``fold`` at a time as one row of ``fold·C``.
+
+    Loops run across a row, so with few channels (C = 3, say) they would not fill the SIMD lanes;
+    reading ``fold`` consecutive rows as one makes ``fold`` copies of each channel's column, merged
+    afterwards. Rows left over (fewer than ``fold``) come as a second part, read as they are.
+    """
+    rows = a.shape[0]
+    fold = min(rows, max(1, FOLD_WIDTH // channels))
+    whole = rows - rows % fold
+    parts = [(a[:whole].reshape(whole // fold, fold * channels), fold)]
+    if whole < rows:
+        parts.append((a[whole:], 1))
+    return parts
 
 
 def moments(x3, shift):
@@ -335,37 +352,51 @@ def moments(x3, shift):
     ``x3`` is a non-empty C-contiguous ``(outer, C, inner)`` array.
     """
     outer, channels, inner = x3.shape
-    if inner == 1:
-        segment_rows, tile_rows, width = _rows_plan(channels)
-        return _rows_moments(x3.reshape(outer, channels), shift, segment_rows, tile_rows, width)
-    return _planar_moments(x3, shift, *_planar_plan(outer, inner))
+    if inner > 1:
+        return _planar_moments(x3, shift, *_planar_plan(outer, inner))
+    counts, means, m2s = [], [], []
+    for rows, fold in _folded(x3.reshape(outer, channels), channels):
+        mean, m2 = _rows_moments(rows, np.tile(shift, fold), *_rows_plan(rows.shape[1]))
+        counts += [rows.shape[0]] * fold
+        means.append(mean.reshape(fold, channels))
+        m2s.append(m2.reshape(fold, channels))
+    return _merge(np.array(counts, np.float64), np.concatenate(means), np.concatenate(m2s))
 
 
 def grad_sums(dy3, x3, mean):
     """Per-channel ``Σdy`` and ``Σdy·(x − mean)`` in float64, in one pass over dy and x."""
     outer, channels, inner = x3.shape
-    if inner == 1:
-        segment_rows, _, width = _rows_plan(channels)
-        return _rows_grad_sums(dy3.reshape(outer, channels), x3.reshape(outer, channels), mean,
-                               segment_rows, width)
-    return _planar_grad_sums(dy3, x3, mean, *_planar_plan(outer, inner))
+    if inner > 1:
+        return _planar_grad_sums(dy3, x3, mean, *_planar_plan(outer, inner))
+    sums = np.zeros((2, channels))
+    shape = (outer, channels)
+    for (dy, fold), (x, _) in zip(_folded(dy3.reshape(shape), channels),
+                                  _folded(x3.reshape(shape), channels)):
+        segment_rows, _, block = _rows_plan(x.shape[1])
+        parts = _rows_grad_sums(dy, x, np.tile(mean, fold), segment_rows, block)
+        sums += np.reshape(parts, (2, fold, channels)).sum(axis=1)
+    return sums[0], sums[1]
 
 
 def affine(x3, y3, shift, offset, scale, bias):
     """``y = scale·((x − shift) − offset) + bias`` per channel, written into ``y3``."""
     outer, channels, inner = x3.shape
-    if inner == 1:
-        _rows_affine(x3.reshape(outer, channels), y3.reshape(outer, channels),
-                     shift, offset, scale, bias)
-    else:
+    if inner > 1:
         _planar_affine(x3, y3, shift, offset, scale, bias)
+        return
+    shape = (outer, channels)
+    for (x, fold), (y, _) in zip(_folded(x3.reshape(shape), channels),
+                                 _folded(y3.reshape(shape), channels)):
+        _rows_affine(x, y, *(np.tile(a, fold) for a in (shift, offset, scale, bias)))
 
 
 def grad_map(dy3, x3, dx3, mean, p, q, r):
     """``dx = p·dy + q·(x − mean) + r`` per channel, written into ``dx3``."""
     outer, channels, inner = x3.shape
-    if inner == 1:
-        shape = (outer, channels)
-        _rows_grad_map(dy3.reshape(shape), x3.reshape(shape), dx3.reshape(shape), mean, p, q, r)
-    else:
+    if inner > 1:
         _planar_grad_map(dy3, x3, dx3, mean, p, q, r)
+        return
+    shape = (outer, channels)
+    for (dy, fold), (x, _), (dx, _) in zip(*(_folded(a.reshape(shape), channels)
+                                             for a in (dy3, x3, dx3))):
+        _rows_grad_map(dy, x, dx, *(np.tile(a, fold) for a in (mean, p, q, r)))
