@@ -200,21 +200,22 @@ def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=Non
     if training:
         # Statistics of x − s, s one value of each channel: a large offset never enters a sum.
         shift = x3[0, :, 0].astype(np.float64)
-        offset, m2 = cpu.moments(x3, shift)
+        delta, m2 = cpu.moments(x3, shift)
         var = m2 / count
-        mean = shift + offset
+        mean = shift + delta
     else:
         mean = shift = running_mean.astype(np.float64)
-        offset = np.zeros(channels)
+        delta = np.zeros(channels)
         var = running_var.astype(np.float64)
     invstd = 1.0 / np.sqrt(var + eps)
     scale = invstd if gamma is None else gamma * invstd
-    bias = np.zeros(channels) if beta is None else beta
+    # Centred about s, which lies within the data: a·(x − μ) + β = a·(x − s) + (β − a·δ). The
+    # folded a·x + (β − a·μ) would lose digits when |μ| ≫ σ.
+    bias = -scale * delta if beta is None else beta - scale * delta
 
     y, y3, pending = view.output(out, x.dtype)
     if x3.size:
-        # Centred, a·((x − s) − δ) + b: the folded a·x + (b − a·μ) would lose digits when |μ| ≫ σ.
-        cpu.affine(x3, y3, shift, offset, scale, bias)
+        cpu.affine(x3, y3, shift, scale, bias)
     if pending is not None:
         y[...] = pending
     if training and running_mean is not None:
@@ -292,7 +293,7 @@ def backward(dy, x, stats, gamma=None, *, axis=1, training=True, out=None, devic
         cpu.grad_map(dy3, x3, dx3, mean, p, q, r)
     elif x3.size:
         zeros = np.zeros(channels)
-        cpu.affine(dy3, dx3, zeros, zeros, p, zeros)
+        cpu.affine(dy3, dx3, zeros, p, zeros)
     if pending is not None:
         dx[...] = pending
     return dx, (sum_dy_xmu * invstd).astype(grad_dtype), sum_dy.astype(grad_dtype)

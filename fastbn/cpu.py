@@ -13,7 +13,7 @@ Each case has the same few steps:
 step       forward                         backward
 ========== =============================== ==========================================
 reduce     ``(count, mean, M2)`` of x      ``Σdy``, ``Σdy·(x − μ)``
-map        ``y = a·((x − s) − δ) + b``     ``dx = p·dy + q·(x − μ) + r``
+map        ``y = a·(x − s) + b``           ``dx = p·dy + q·(x − μ) + r``
 ========== =============================== ==========================================
 
 Numerics (DESIGN.md §3): all arithmetic is float64 whatever x's dtype. Statistics are taken of
@@ -32,6 +32,7 @@ CHUNK = 8192  # planar: elements of one channel reduced exactly (two passes, in 
 TILE = 8192  # channels-last: elements of a (rows x columns) tile reduced exactly in cache
 SEGMENT = 1 << 18  # channels-last: elements per parallel work item (bounds the partials buffer)
 COLUMN_BLOCK = 1024  # channels-last: columns per work item, so wide rows still give many items
+MIN_SEGMENTS = 16  # channels-last: row segments a tensor is cut into at the least, rows allowing
 FOLD_WIDTH = 64  # channels-last: rows narrower than this are read several at a time (see _folded)
 
 # Only the innermost sums of the planar reduction need reassociation (to vectorize). It lives in
@@ -139,16 +140,16 @@ def _planar_grad_sums(dy, x, mean, rows, pieces):
 
 
 @njit(parallel=True, fastmath=_MAP_MATH, **_jit)
-def _planar_affine(x, y, shift, offset, scale, bias):
+def _planar_affine(x, y, shift, scale, bias):
     outer, channels, inner = x.shape
     for w in prange(outer * channels):
         o = w // channels
         c = w % channels
-        s, d, a, b = shift[c], offset[c], scale[c], bias[c]
+        s, a, b = shift[c], scale[c], bias[c]
         xr = x[o, c]
         yr = y[o, c]
         for i in range(inner):
-            yr[i] = a * ((xr[i] - s) - d) + b
+            yr[i] = a * (xr[i] - s) + b
 
 
 @njit(parallel=True, fastmath=_MAP_MATH, **_jit)
@@ -254,13 +255,13 @@ def _rows_grad_sums(dy, x, mean, segment_rows, column_block):
 
 
 @njit(parallel=True, fastmath=_MAP_MATH, **_jit)
-def _rows_affine(x, y, shift, offset, scale, bias):
+def _rows_affine(x, y, shift, scale, bias):
     rows, channels = x.shape
     for r in prange(rows):
         xr = x[r]
         yr = y[r]
         for c in range(channels):
-            yr[c] = scale[c] * ((xr[c] - shift[c]) - offset[c]) + bias[c]
+            yr[c] = scale[c] * (xr[c] - shift[c]) + bias[c]
 
 
 @njit(parallel=True, fastmath=_MAP_MATH, **_jit)
@@ -322,12 +323,17 @@ def _planar_plan(outer, inner):
     return max(1, CHUNK // inner), 1
 
 
-def _rows_plan(width):
-    """(segment_rows, tile_rows, column_block) for channels-last rows of ``width`` values."""
+def _rows_plan(rows, width):
+    """(segment_rows, tile_rows, column_block) for ``rows`` channels-last rows of ``width`` values.
+
+    A segment of rows is at most SEGMENT values wide and at most 1/MIN_SEGMENTS of the rows (so a
+    small tensor still gives every core work); it holds whole tiles. Shape only, never the thread
+    count, decides it.
+    """
     block = min(width, COLUMN_BLOCK)
     tile_rows = max(1, TILE // block)
-    segment_rows = max(1, SEGMENT // block // tile_rows) * tile_rows
-    return segment_rows, tile_rows, block
+    tiles = max(1, min(SEGMENT // block // tile_rows, -(-rows // (MIN_SEGMENTS * tile_rows))))
+    return tiles * tile_rows, tile_rows, block
 
 
 def _folded(a, channels):
@@ -356,7 +362,7 @@ def moments(x3, shift):
         return _planar_moments(x3, shift, *_planar_plan(outer, inner))
     counts, means, m2s = [], [], []
     for rows, fold in _folded(x3.reshape(outer, channels), channels):
-        mean, m2 = _rows_moments(rows, np.tile(shift, fold), *_rows_plan(rows.shape[1]))
+        mean, m2 = _rows_moments(rows, np.tile(shift, fold), *_rows_plan(*rows.shape))
         counts += [rows.shape[0]] * fold
         means.append(mean.reshape(fold, channels))
         m2s.append(m2.reshape(fold, channels))
@@ -372,22 +378,22 @@ def grad_sums(dy3, x3, mean):
     shape = (outer, channels)
     for (dy, fold), (x, _) in zip(_folded(dy3.reshape(shape), channels),
                                   _folded(x3.reshape(shape), channels)):
-        segment_rows, _, block = _rows_plan(x.shape[1])
+        segment_rows, _, block = _rows_plan(*x.shape)
         parts = _rows_grad_sums(dy, x, np.tile(mean, fold), segment_rows, block)
         sums += np.reshape(parts, (2, fold, channels)).sum(axis=1)
     return sums[0], sums[1]
 
 
-def affine(x3, y3, shift, offset, scale, bias):
-    """``y = scale·((x − shift) − offset) + bias`` per channel, written into ``y3``."""
+def affine(x3, y3, shift, scale, bias):
+    """``y = scale·(x − shift) + bias`` per channel, written into ``y3``."""
     outer, channels, inner = x3.shape
     if inner > 1:
-        _planar_affine(x3, y3, shift, offset, scale, bias)
+        _planar_affine(x3, y3, shift, scale, bias)
         return
     shape = (outer, channels)
     for (x, fold), (y, _) in zip(_folded(x3.reshape(shape), channels),
                                  _folded(y3.reshape(shape), channels)):
-        _rows_affine(x, y, *(np.tile(a, fold) for a in (shift, offset, scale, bias)))
+        _rows_affine(x, y, *(np.tile(a, fold) for a in (shift, scale, bias)))
 
 
 def grad_map(dy3, x3, dx3, mean, p, q, r):
