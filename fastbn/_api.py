@@ -200,7 +200,7 @@ def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=Non
     if training:
         # Statistics of x − s, s one value of each channel: a large offset never enters a sum.
         shift = x3[0, :, 0].astype(np.float64)
-        delta, m2 = cpu.moments(x3, shift)
+        delta, m2 = cpu.moments(x3, shift) if channels else (shift, shift)
         var = m2 / count
         mean = shift + delta
     else:
