@@ -179,11 +179,11 @@ def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=Non
         raise ValueError(f"eps must be a positive finite number, got {eps!r}")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var go together: pass both or neither")
+    momentum = _real("momentum", momentum)
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must lie in [0, 1], got {momentum!r}")
     count = _values_per_channel(x, axis)
     if training:
-        momentum = _real("momentum", momentum)
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must lie in [0, 1], got {momentum!r}")
         if count < 2:
             raise ValueError(f"training needs more than one value per channel, but x of shape "
                              f"{x.shape} has {count} per channel (channel axis {axis})")

@@ -1,0 +1,160 @@
+"""backward() against the reference, the forward->backward round trip, and finite differences."""
+import numpy as np
+import pytest
+
+import fastbn
+from fastbn.cases import LAYOUTS
+
+import reference
+from _util import DTYPES, assert_close, make_affine, make_running, make_x, tol_for
+
+LAYOUT_IDS = [lay.name for lay in LAYOUTS]
+
+
+def check_backward(dy, x, mean, invstd, gamma=None, axis=1, training=True):
+    c = x.shape[axis]
+    dy0, x0 = dy.copy(), x.copy()
+    stats = fastbn.BatchStats(np.array(mean, dtype=np.float64), np.array(invstd, dtype=np.float64))
+    dx, dgamma, dbeta = fastbn.backward(dy, x, stats, gamma, axis=axis, training=training)
+    rdx, rdgamma, rdbeta = reference.backward(dy0, x0, mean, invstd, gamma, axis, training)
+    pdtype = x.dtype if gamma is None else np.asarray(gamma).dtype
+    assert type(dx) is np.ndarray and dx.dtype == x.dtype and dx.shape == x.shape
+    for g in (dgamma, dbeta):
+        assert type(g) is np.ndarray and g.shape == (c,) and g.dtype == pdtype
+    assert np.array_equal(dy, dy0) and np.array_equal(x, x0), "inputs modified"
+    tol = tol_for(x.dtype)
+    assert_close(dx, rdx, tol, "dx")
+    assert_close(dgamma, rdgamma, tol_for(x.dtype, pdtype), "dgamma")
+    assert_close(dbeta, rdbeta, tol_for(x.dtype, pdtype), "dbeta")
+    return dx, dgamma, dbeta
+
+
+@pytest.mark.parametrize("affine", [False, True], ids=["plain", "affine"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+def test_backward_matches_reference(layout, dtype, training, affine, rng):
+    shape, axis = layout.small, layout.axis
+    c = shape[axis]
+    x = make_x(rng, shape, axis, dtype)
+    dy = make_x(rng, shape, axis, dtype)
+    gamma = make_affine(rng, c)[0] if affine else None
+    rm, rv = make_running(rng, c)
+    _, mean, invstd, _, _ = reference.forward(x, None, None, axis, training, rm, rv)
+    check_backward(dy, x, mean, invstd, gamma, axis, training)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+def test_round_trip_with_fastbn_stats(layout, dtype, training, rng):
+    """forward -> backward using the stats forward returned, against the reference chain."""
+    shape, axis = layout.small, layout.axis
+    c = shape[axis]
+    x = make_x(rng, shape, axis, dtype)
+    dy = make_x(rng, shape, axis, dtype)
+    gamma, beta = make_affine(rng, c)
+    rm, rv = make_running(rng, c)
+    rm0, rv0 = rm.copy(), rv.copy()
+    y, stats = fastbn.forward(x, gamma, beta, axis=axis, training=training,
+                              running_mean=rm, running_var=rv)
+    dx, dgamma, dbeta = fastbn.backward(dy, x, stats, gamma, axis=axis, training=training)
+    _, mean, invstd, _, _ = reference.forward(x, gamma, beta, axis, training, rm0, rv0)
+    rdx, rdgamma, rdbeta = reference.backward(dy, x, mean, invstd, gamma, axis, training)
+    tol = tol_for(dtype)
+    assert_close(dx, rdx, tol, "dx")
+    assert_close(dgamma, rdgamma, tol, "dgamma")
+    assert_close(dbeta, rdbeta, tol, "dbeta")
+
+
+@pytest.mark.parametrize("gdtype", [np.float32, np.float64], ids=["g32", "g64"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_parameter_gradient_dtype_follows_gamma(dtype, gdtype, rng):
+    x = make_x(rng, (4, 3, 7, 9), 1, dtype)
+    dy = make_x(rng, (4, 3, 7, 9), 1, dtype)
+    gamma = make_affine(rng, 3, gdtype)[0]
+    _, mean, invstd, _, _ = reference.forward(x, axis=1)
+    check_backward(dy, x, mean, invstd, gamma, 1, True)
+    check_backward(dy, x, mean, invstd, None, 1, True)
+
+
+def test_gamma_as_list(rng):
+    x = make_x(rng, (6, 4), 1)
+    dy = make_x(rng, (6, 4), 1)
+    _, stats = fastbn.forward(x)
+    g_list = [1.5, -0.5, 2.0, 1.0]
+    a = fastbn.backward(dy, x, stats, g_list)
+    b = fastbn.backward(dy, x, stats, np.array(g_list))
+    for u, v in zip(a, b):
+        assert np.array_equal(u, v)
+
+
+def test_dy_as_list(rng):
+    x = make_x(rng, (6, 4), 1)
+    dy = make_x(rng, (6, 4), 1)
+    _, stats = fastbn.forward(x)
+    a = fastbn.backward(dy.tolist(), x.tolist(), stats)
+    b = fastbn.backward(dy, x, stats)
+    for u, v in zip(a, b):
+        assert np.array_equal(u, v)
+
+
+# ---------------------------------------------------------------- finite differences
+
+def _loss(x, gamma, beta, w, axis, training, rm, rv):
+    y, _ = fastbn.forward(x, gamma, beta, axis=axis, training=training,
+                          running_mean=None if training else rm,
+                          running_var=None if training else rv)
+    return float(np.sum(y * w))
+
+
+def _numeric_grad(f, a, h=1e-6):
+    g = np.zeros_like(a)
+    it = np.nditer(a, flags=["multi_index"])
+    for _ in it:
+        i = it.multi_index
+        old = a[i]
+        a[i] = old + h
+        fp = f()
+        a[i] = old - h
+        fm = f()
+        a[i] = old
+        g[i] = (fp - fm) / (2 * h)
+    return g
+
+
+@pytest.mark.parametrize("affine", [False, True], ids=["plain", "affine"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape,axis", [((3, 2, 4), 1), ((5, 3), 1), ((2, 3, 2, 3), -1)],
+                         ids=["NCL", "NxD", "NHWC"])
+def test_finite_differences(shape, axis, training, affine, rng):
+    c = shape[axis]
+    x = make_x(rng, shape, axis)
+    w = rng.standard_normal(shape)
+    if affine:
+        gamma, beta = make_affine(rng, c)
+    else:
+        gamma, beta = np.ones(c), np.zeros(c)
+    rm, rv = make_running(rng, c)
+
+    def f():
+        return _loss(x, gamma if affine else None, beta if affine else None, w, axis, training,
+                     rm, rv)
+
+    _, stats = fastbn.forward(x, gamma, beta, axis=axis, training=training,
+                              running_mean=None if training else rm,
+                              running_var=None if training else rv)
+    dx, dgamma, dbeta = fastbn.backward(w, x, stats, gamma if affine else None, axis=axis,
+                                        training=training)
+
+    num_dx = _numeric_grad(f, x)
+    # gradients w.r.t. gamma and beta: perturb the arrays actually passed (ones/zeros if plain)
+    def fg():
+        return _loss(x, gamma, beta, w, axis, training, rm, rv)
+    num_dgamma = _numeric_grad(fg, gamma)
+    num_dbeta = _numeric_grad(fg, beta)
+
+    np.testing.assert_allclose(dx, num_dx, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dgamma, num_dgamma, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dbeta, num_dbeta, rtol=1e-5, atol=1e-6)
+    assert np.abs(num_dx).max() > 1e-3  # the check is not vacuous

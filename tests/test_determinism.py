@@ -1,0 +1,97 @@
+"""Bitwise reproducibility: the same call twice, and across NUMBA_NUM_THREADS."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import fastbn
+from fastbn.cases import LAYOUTS
+
+from _util import DTYPES, make_affine, make_running, make_x
+
+LAYOUT_IDS = [lay.name for lay in LAYOUTS]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_all(x, dy, gamma, beta, rm, rv, axis):
+    rm, rv = rm.copy(), rv.copy()
+    y, s = fastbn.forward(x, gamma, beta, axis=axis, running_mean=rm, running_var=rv)
+    dx, dg, db = fastbn.backward(dy, x, s, gamma, axis=axis)
+    ye, se = fastbn.forward(x, gamma, beta, axis=axis, training=False, running_mean=rm,
+                            running_var=rv)
+    dxe, dge, dbe = fastbn.backward(dy, x, se, gamma, axis=axis, training=False)
+    return [y, s.mean, s.invstd, rm, rv, dx, dg, db, ye, se.mean, se.invstd, dxe, dge, dbe]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+def test_same_call_twice_is_bitwise_identical(layout, dtype, rng):
+    shape, axis = layout.small, layout.axis
+    c = shape[axis]
+    x = make_x(rng, shape, axis, dtype)
+    dy = make_x(rng, shape, axis, dtype)
+    gamma, beta = make_affine(rng, c)
+    rm, rv = make_running(rng, c)
+    first = _run_all(x, dy, gamma, beta, rm, rv, axis)
+    second = _run_all(x, dy, gamma, beta, rm, rv, axis)
+    for a, b in zip(first, second):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+SCRIPT = r"""
+import hashlib, sys
+import numpy as np
+import numba
+import fastbn, fastbn.cpu
+
+CASES = [((8, 3, 64, 64), 1), ((64, 40, 40, 3), -1), ((300, 1100), 1), ((2, 5, 30000), 1)]
+SMALL = {"CHUNK": 16, "TILE": 12, "SEGMENT": 40, "COLUMN_BLOCK": 3}
+DEFAULTS = {k: getattr(fastbn.cpu, k) for k in SMALL}
+
+print("threads", numba.get_num_threads())
+for blocks in ("default", "small"):
+    for k, v in (DEFAULTS if blocks == "default" else SMALL).items():
+        setattr(fastbn.cpu, k, v)
+    for shape, axis in CASES:
+        for dtype in (np.float32, np.float64):
+            rng = np.random.default_rng(12345)
+            c = shape[axis]
+            bshape = [1] * len(shape)
+            bshape[axis] = c
+            x = (rng.standard_normal(shape) * rng.uniform(0.5, 2, c).reshape(bshape)
+                 + rng.uniform(-50, 50, c).reshape(bshape)).astype(dtype)
+            dy = rng.standard_normal(shape).astype(dtype)
+            gamma, beta = rng.uniform(0.5, 2, c), rng.uniform(-1, 1, c)
+            rm, rv = np.zeros(c), np.ones(c)
+            y, s = fastbn.forward(x, gamma, beta, axis=axis, running_mean=rm, running_var=rv)
+            dx, dg, db = fastbn.backward(dy, x, s, gamma, axis=axis)
+            ye, se = fastbn.forward(x, gamma, beta, axis=axis, training=False,
+                                    running_mean=rm, running_var=rv)
+            dxe, _, _ = fastbn.backward(dy, x, se, gamma, axis=axis, training=False)
+            h = hashlib.sha256()
+            for a in (y, s.mean, s.invstd, rm, rv, dx, dg, db, ye, dxe):
+                h.update(np.ascontiguousarray(a).tobytes())
+            print(blocks, shape, axis, np.dtype(dtype).name, h.hexdigest())
+"""
+
+
+def _hashes(threads):
+    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads))
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0] == f"threads {threads}"
+    return lines[1:]
+
+
+def test_bitwise_identical_across_thread_counts():
+    one = _hashes(1)
+    assert len(one) == 2 * 4 * 2
+    for threads in (2, 3):
+        other = _hashes(threads)
+        diff = [(a, b) for a, b in zip(one, other) if a != b]
+        assert not diff, f"NUMBA_NUM_THREADS=1 vs {threads}: " + "; ".join(
+            a.rsplit(" ", 1)[0] for a, _ in diff)
