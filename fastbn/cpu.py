@@ -32,8 +32,9 @@ CHUNK = 8192  # planar: elements of one channel reduced exactly (two passes, in 
 TILE = 8192  # channels-last: elements of a (rows x columns) tile reduced exactly in cache
 SEGMENT = 1 << 18  # channels-last: elements per parallel work item (bounds the partials buffer)
 COLUMN_BLOCK = 1024  # channels-last: columns per work item, so wide rows still give many items
-MIN_SEGMENTS = 16  # channels-last: row segments a tensor is cut into at the least, rows allowing
-FOLD_WIDTH = 64  # channels-last: rows narrower than this are read several at a time (see _folded)
+MIN_WORK_ITEMS = 16  # channels-last: parallel work items a tensor is cut into at the least
+FOLD_WIDTH = 64  # channels-last: rows narrower than this are read several at a time (_row_parts)
+PLANAR_RUN = 32  # planar kernels need runs this long to pay; shorter ones are read as rows
 
 # Only the innermost sums of the planar reduction need reassociation (to vectorize). It lives in
 # small helpers of its own: fast-math flags are per instruction, so the caller's compensated
@@ -324,32 +325,46 @@ def _planar_plan(outer, inner):
 
 
 def _rows_plan(rows, width):
-    """(segment_rows, tile_rows, column_block) for ``rows`` channels-last rows of ``width`` values.
+    """(segment_rows, tile_rows, column_block) for ``rows`` rows of ``width`` values.
 
-    A segment of rows is at most SEGMENT values wide and at most 1/MIN_SEGMENTS of the rows (so a
-    small tensor still gives every core work); it holds whole tiles. Shape only, never the thread
-    count, decides it.
+    A work item is a segment of rows (whole tiles, at most SEGMENT values) times a block of
+    columns; segments are made short enough for MIN_WORK_ITEMS items, so that a small tensor still
+    gives every core work. Shape alone, never the thread count, decides the plan.
     """
     block = min(width, COLUMN_BLOCK)
     tile_rows = max(1, TILE // block)
-    tiles = max(1, min(SEGMENT // block // tile_rows, -(-rows // (MIN_SEGMENTS * tile_rows))))
+    segments = -(-MIN_WORK_ITEMS // -(-width // block))
+    tiles = max(1, min(SEGMENT // block // tile_rows, -(-rows // (segments * tile_rows))))
     return tiles * tile_rows, tile_rows, block
 
 
-def _folded(a, channels):
-    """``[(rows, fold)]``: channels-last rows read ``fold`` at a time as one row of ``fold·C``.
+def _row_parts(a3):
+    """``[(rows, fold)]``: ``a3`` ``(outer, C, inner)`` read as rows of ``C·inner`` values.
 
-    Loops run across a row, so with few channels (C = 3, say) they would not fill the SIMD lanes;
-    reading ``fold`` consecutive rows as one makes ``fold`` copies of each channel's column, merged
-    afterwards. Rows left over (fewer than ``fold``) come as a second part, read as they are.
+    The rows kernels loop along a row, so with short rows (C = 3 channels-last, say) they would not
+    fill the SIMD lanes: ``fold`` consecutive rows are read as one, which gives ``fold`` columns per
+    channel and position, merged afterwards. Rows left over (fewer than ``fold``) come as a second
+    part, read one at a time.
     """
-    rows = a.shape[0]
-    fold = min(rows, max(1, FOLD_WIDTH // channels))
-    whole = rows - rows % fold
-    parts = [(a[:whole].reshape(whole // fold, fold * channels), fold)]
-    if whole < rows:
-        parts.append((a[whole:], 1))
+    outer, channels, inner = a3.shape
+    width = channels * inner
+    fold = min(outer, max(1, FOLD_WIDTH // width))
+    whole = outer - outer % fold
+    rows = a3.reshape(outer, width)
+    parts = [(rows[:whole].reshape(whole // fold, fold * width), fold)]
+    if whole < outer:
+        parts.append((rows[whole:], 1))
     return parts
+
+
+def _per_column(values, inner, fold):
+    """Per-channel values laid out along a row of ``_row_parts``."""
+    return np.tile(np.repeat(values, inner), fold)
+
+
+def _by_channel(columns, channels, inner):
+    """Per-column results along a row of ``_row_parts`` as ``(columns per channel, C)``."""
+    return columns.reshape(-1, channels, inner).transpose(0, 2, 1).reshape(-1, channels)
 
 
 def moments(x3, shift):
@@ -358,51 +373,45 @@ def moments(x3, shift):
     ``x3`` is a non-empty C-contiguous ``(outer, C, inner)`` array.
     """
     outer, channels, inner = x3.shape
-    if inner > 1:
+    if inner >= PLANAR_RUN:
         return _planar_moments(x3, shift, *_planar_plan(outer, inner))
     counts, means, m2s = [], [], []
-    for rows, fold in _folded(x3.reshape(outer, channels), channels):
-        mean, m2 = _rows_moments(rows, np.tile(shift, fold), *_rows_plan(*rows.shape))
-        counts += [rows.shape[0]] * fold
-        means.append(mean.reshape(fold, channels))
-        m2s.append(m2.reshape(fold, channels))
+    for rows, fold in _row_parts(x3):
+        mean, m2 = _rows_moments(rows, _per_column(shift, inner, fold), *_rows_plan(*rows.shape))
+        counts += [rows.shape[0]] * (fold * inner)
+        means.append(_by_channel(mean, channels, inner))
+        m2s.append(_by_channel(m2, channels, inner))
     return _merge(np.array(counts, np.float64), np.concatenate(means), np.concatenate(m2s))
 
 
 def grad_sums(dy3, x3, mean):
     """Per-channel ``Σdy`` and ``Σdy·(x − mean)`` in float64, in one pass over dy and x."""
     outer, channels, inner = x3.shape
-    if inner > 1:
+    if inner >= PLANAR_RUN:
         return _planar_grad_sums(dy3, x3, mean, *_planar_plan(outer, inner))
     sums = np.zeros((2, channels))
-    shape = (outer, channels)
-    for (dy, fold), (x, _) in zip(_folded(dy3.reshape(shape), channels),
-                                  _folded(x3.reshape(shape), channels)):
+    for (dy, fold), (x, _) in zip(_row_parts(dy3), _row_parts(x3)):
         segment_rows, _, block = _rows_plan(*x.shape)
-        parts = _rows_grad_sums(dy, x, np.tile(mean, fold), segment_rows, block)
-        sums += np.reshape(parts, (2, fold, channels)).sum(axis=1)
+        parts = _rows_grad_sums(dy, x, _per_column(mean, inner, fold), segment_rows, block)
+        sums += np.reshape(parts, (2, fold, channels, inner)).sum(axis=(1, 3))
     return sums[0], sums[1]
 
 
 def affine(x3, y3, shift, scale, bias):
     """``y = scale·(x − shift) + bias`` per channel, written into ``y3``."""
-    outer, channels, inner = x3.shape
-    if inner > 1:
+    inner = x3.shape[2]
+    if inner >= PLANAR_RUN:
         _planar_affine(x3, y3, shift, scale, bias)
         return
-    shape = (outer, channels)
-    for (x, fold), (y, _) in zip(_folded(x3.reshape(shape), channels),
-                                 _folded(y3.reshape(shape), channels)):
-        _rows_affine(x, y, *(np.tile(a, fold) for a in (shift, scale, bias)))
+    for (x, fold), (y, _) in zip(_row_parts(x3), _row_parts(y3)):
+        _rows_affine(x, y, *(_per_column(a, inner, fold) for a in (shift, scale, bias)))
 
 
 def grad_map(dy3, x3, dx3, mean, p, q, r):
     """``dx = p·dy + q·(x − mean) + r`` per channel, written into ``dx3``."""
-    outer, channels, inner = x3.shape
-    if inner > 1:
+    inner = x3.shape[2]
+    if inner >= PLANAR_RUN:
         _planar_grad_map(dy3, x3, dx3, mean, p, q, r)
         return
-    shape = (outer, channels)
-    for (dy, fold), (x, _), (dx, _) in zip(*(_folded(a.reshape(shape), channels)
-                                             for a in (dy3, x3, dx3))):
-        _rows_grad_map(dy, x, dx, *(np.tile(a, fold) for a in (mean, p, q, r)))
+    for (dy, fold), (x, _), (dx, _) in zip(_row_parts(dy3), _row_parts(x3), _row_parts(dx3)):
+        _rows_grad_map(dy, x, dx, *(_per_column(a, inner, fold) for a in (mean, p, q, r)))

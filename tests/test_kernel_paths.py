@@ -1,0 +1,54 @@
+"""Both kernel families on every layout: planar (long contiguous runs per channel) and rows.
+
+fastbn.cpu sends a view (outer, C, inner) to the planar kernels when inner >= PLANAR_RUN and reads
+it as rows of C·inner values otherwise (channels-last, and short runs such as N×C×4). Forcing each
+family in turn runs both on every layout, at the tests' small block sizes.
+"""
+import numpy as np
+import pytest
+
+import fastbn
+from fastbn.cases import LAYOUTS
+
+import reference
+from _util import DTYPES, assert_close, make_affine, make_running, make_x, tol_for
+from test_backward import check_backward
+from test_forward import check_forward
+
+PATHS = {"planar": 1, "rows": 10**9}
+
+
+@pytest.fixture(params=list(PATHS))
+def kernel_path(request, monkeypatch):
+    import fastbn.cpu
+    monkeypatch.setattr(fastbn.cpu, "PLANAR_RUN", PATHS[request.param])
+    return request.param
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=[lay.name for lay in LAYOUTS])
+def test_forward_and_backward(kernel_path, layout, dtype, training, rng):
+    shape, axis = layout.small, layout.axis
+    c = shape[axis]
+    x = make_x(rng, shape, axis, dtype)
+    gamma, beta = make_affine(rng, c)
+    check_forward(x, gamma, beta, axis=axis, training=training, rng=rng)
+    dy = make_x(rng, shape, axis, dtype)
+    rm, rv = make_running(rng, c)
+    _, mean, invstd, _, _ = reference.forward(x, None, None, axis, training, rm, rv)
+    check_backward(dy, x, mean, invstd, gamma, axis, training)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=[lay.name for lay in LAYOUTS])
+def test_large_offset_and_constant_channel(kernel_path, layout, rng):
+    shape, axis = layout.small, layout.axis
+    c = shape[axis]
+    x = make_x(rng, shape, axis, np.float64, offset=rng.uniform(-1e8, 1e8, c), scale=1.0)
+    np.moveaxis(x, axis, 0)[0] = 0.1  # channel 0 constant
+    gamma, beta = make_affine(rng, c)
+    y, stats = fastbn.forward(x, gamma, beta, axis=axis)
+    ry, rmean, rinvstd, _, _ = reference.forward(x, gamma, beta, axis)
+    assert_close(y, ry, tol_for(np.float64), "y")
+    assert_close(stats.invstd[1:], rinvstd[1:], tol_for(np.float64), "invstd")
+    assert np.all(np.moveaxis(y, axis, 0)[0] == beta[0]), "constant channel must give beta"
