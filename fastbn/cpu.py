@@ -359,7 +359,9 @@ def _row_parts(a3):
 
 def _per_column(values, inner, fold):
     """Per-channel values laid out along a row of ``_row_parts``."""
-    return np.tile(np.repeat(values, inner), fold)
+    if inner > 1:
+        values = np.repeat(values, inner)
+    return np.tile(values, fold) if fold > 1 else values
 
 
 def _by_channel(columns, channels, inner):
