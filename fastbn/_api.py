@@ -58,13 +58,15 @@ def _choose_device(device, *arrays):
 def _data(name, a):
     arr = np.asarray(a)
     if arr.dtype not in _DATA_DTYPES:
-        raise TypeError(f"{name} must be a float32 or float64 array, got dtype {arr.dtype} "
-                        f"(shape {arr.shape})")
+        raise TypeError(f"{name} must be a float32 or float64 array in native byte order, got "
+                        f"dtype {arr.dtype} (shape {arr.shape})")
     return arr
 
 
 def _channel_axis(axis, x):
     try:
+        if isinstance(axis, (bool, np.bool_)):
+            raise TypeError
         axis = operator.index(axis)
     except TypeError:
         raise TypeError(f"axis must be an integer, got {axis!r}") from None
@@ -76,31 +78,53 @@ def _channel_axis(axis, x):
     return axis % x.ndim
 
 
-def _per_channel(name, a, x, axis):
-    """A read-only per-channel parameter (gamma, beta) as float64, or None."""
+def _per_channel(name, a, channels, where):
+    """A read-only per-channel parameter (gamma, beta, ...) as float64, or None.
+
+    ``where`` says where the channel count comes from, for the error message.
+    """
     if a is None:
         return None
     arr = np.asarray(a)
     if arr.dtype.kind not in "fiu":
-        raise TypeError(f"{name} must be a real-valued array, got dtype {arr.dtype}")
-    _check_channels(name, arr, x, axis)
+        raise TypeError(f"{name} must be a real-valued array, got dtype {arr.dtype} "
+                        f"(shape {arr.shape})")
+    _check_channels(name, arr, channels, where)
     return arr.astype(np.float64)
 
 
-def _check_channels(name, arr, x, axis):
-    channels = x.shape[axis]
+def _check_channels(name, arr, channels, where):
     if arr.shape != (channels,):
-        raise ValueError(f"{name} must have shape ({channels},), one value per channel of x "
-                         f"(shape {x.shape}, channel axis {axis}), got shape {arr.shape}")
+        raise ValueError(f"{name} must have shape ({channels},), one value per channel of "
+                         f"{where}, got shape {arr.shape}")
+
+
+def _of_x(x, axis):
+    return f"x (shape {x.shape}, channel axis {axis})"
 
 
 def _running(name, a, x, axis, updated):
     if not isinstance(a, np.ndarray) or a.dtype.kind != "f":
-        kind = f"dtype {a.dtype}" if isinstance(a, np.ndarray) else type(a).__name__
+        kind = (f"dtype {a.dtype} (shape {a.shape})" if isinstance(a, np.ndarray)
+                else type(a).__name__)
         raise TypeError(f"{name} must be a floating-point NumPy array, got {kind}")
-    _check_channels(name, a, x, axis)
+    _check_channels(name, a, x.shape[axis], _of_x(x, axis))
     if updated and not a.flags.writeable:
-        raise ValueError(f"{name} is read-only, but training updates it in place")
+        raise ValueError(f"{name} (shape {a.shape}) is read-only, but training updates it in place")
+
+
+def _flag(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _overlaps(a, b):
+    """Whether two arrays may share memory (a problem too hard to decide counts as yes)."""
+    try:
+        return np.shares_memory(a, b, max_work=1 << 16)
+    except np.exceptions.TooHardError:
+        return True
 
 
 def _real(name, value):
@@ -115,7 +139,8 @@ def _check_out(out, like, **inputs):
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
     if out.dtype != like.dtype:
-        raise TypeError(f"out must have x's dtype {like.dtype}, got {out.dtype}")
+        raise TypeError(f"out must have x's dtype {like.dtype}, got {out.dtype} "
+                        f"(shapes: out {out.shape}, x {like.shape})")
     if out.shape != like.shape:
         raise ValueError(f"out must have x's shape {like.shape}, got {out.shape}")
     if not out.flags.writeable:
@@ -123,9 +148,16 @@ def _check_out(out, like, **inputs):
     for name, a in inputs.items():
         same = (out.__array_interface__["data"][0] == a.__array_interface__["data"][0]
                 and out.strides == a.strides)
-        if not same and np.shares_memory(out, a):
+        if not same and _overlaps(out, a):
             raise ValueError(f"out (shape {out.shape}, strides {out.strides}) partly overlaps "
                              f"{name} (strides {a.strides}); it may be {name} itself, or separate")
+
+
+def _eps(eps):
+    eps = _real("eps", eps)
+    if not eps > 0 or math.isinf(eps):
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    return eps
 
 
 def _values_per_channel(x, axis):
@@ -172,13 +204,15 @@ def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=Non
     _choose_device(device, x, out)
     x = _data("x", x)
     axis = _channel_axis(axis, x)
-    gamma = _per_channel("gamma", gamma, x, axis)
-    beta = _per_channel("beta", beta, x, axis)
-    eps = _real("eps", eps)
-    if not eps > 0 or math.isinf(eps):
-        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    training = _flag("training", training)
+    channels = x.shape[axis]
+    gamma = _per_channel("gamma", gamma, channels, _of_x(x, axis))
+    beta = _per_channel("beta", beta, channels, _of_x(x, axis))
+    eps = _eps(eps)
     if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var go together: pass both or neither")
+        given = "running_mean" if running_var is None else "running_var"
+        raise ValueError(f"running_mean and running_var go together: pass both or neither (only "
+                         f"{given} was given)")
     momentum = _real("momentum", momentum)
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must lie in [0, 1], got {momentum!r}")
@@ -188,15 +222,23 @@ def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=Non
             raise ValueError(f"training needs more than one value per channel, but x of shape "
                              f"{x.shape} has {count} per channel (channel axis {axis})")
     elif running_mean is None:
-        raise ValueError("training=False normalizes with running_mean and running_var; pass both")
+        raise ValueError(f"training=False normalizes with running_mean and running_var, which "
+                         f"were not given (x of shape {x.shape})")
     if running_mean is not None:
         _running("running_mean", running_mean, x, axis, updated=training)
         _running("running_var", running_var, x, axis, updated=training)
     _check_out(out, x, x=x)
+    if training and running_mean is not None:
+        # Written in place after y: they must not share memory with what else is read or written.
+        others = {"running_var": running_var, "x": x, "out": out}
+        for name, a in others.items():
+            if a is not None and _overlaps(running_mean, a):
+                raise ValueError(f"running_mean shares memory with {name}")
+            if name != "running_var" and a is not None and _overlaps(running_var, a):
+                raise ValueError(f"running_var shares memory with {name}")
 
     view = ChannelView(x, axis)
     x3 = view.of(x)
-    channels = x3.shape[1]
     if training:
         # Statistics of x − s, s one value of each channel: a large offset never enters a sum.
         shift = x3[0, :, 0].astype(np.float64)
@@ -259,20 +301,23 @@ def backward(dy, x, stats, gamma=None, *, axis=1, training=True, out=None, devic
     x = _data("x", x)
     dy = _data("dy", dy)
     if dy.dtype != x.dtype:
-        raise TypeError(f"dy must have x's dtype {x.dtype}, got {dy.dtype}")
+        raise TypeError(f"dy must have x's dtype {x.dtype}, got {dy.dtype} (shape {dy.shape})")
     if dy.shape != x.shape:
         raise ValueError(f"dy must have x's shape {x.shape}, got {dy.shape}")
     axis = _channel_axis(axis, x)
+    training = _flag("training", training)
     try:
         mean, invstd = stats
     except (TypeError, ValueError):
-        raise TypeError("stats must be the BatchStats (mean, invstd) that forward returned") from None
-    mean = _per_channel("stats.mean", mean, x, axis)
-    invstd = _per_channel("stats.invstd", invstd, x, axis)
+        raise TypeError("stats must be the BatchStats (mean, invstd) that forward returned, got "
+                        f"{type(stats).__name__}") from None
+    channels, where = x.shape[axis], _of_x(x, axis)
+    mean = _per_channel("stats.mean", mean, channels, where)
+    invstd = _per_channel("stats.invstd", invstd, channels, where)
     grad_dtype = x.dtype
     if gamma is not None and np.asarray(gamma).dtype.kind == "f":
         grad_dtype = np.asarray(gamma).dtype
-    gamma = _per_channel("gamma", gamma, x, axis)
+    gamma = _per_channel("gamma", gamma, channels, where)
     _check_out(out, x, x=x, dy=dy)
 
     view = ChannelView(x, axis)
@@ -303,30 +348,26 @@ def backward(dy, x, stats, gamma=None, *, axis=1, training=True, out=None, devic
 
 
 def _affine64(gamma, beta, running_mean, running_var, eps):
-    """float64 ``(scale, shift)`` of eval-mode BN, and the dtype the caller should return."""
-    arrays = {"running_mean": running_mean, "running_var": running_var}
-    for name, a in arrays.items():
-        a = np.asarray(a)
-        if a.dtype.kind not in "fiu" or a.ndim != 1:
-            raise TypeError(f"{name} must be a 1-D real array, got dtype {a.dtype} and shape "
-                            f"{a.shape}")
-    channels = np.shape(running_mean)[0]
-    reference = np.empty((1, channels))
-    gamma = _per_channel("gamma", gamma, reference, 1)
-    beta = _per_channel("beta", beta, reference, 1)
-    mean = _per_channel("running_mean", running_mean, reference, 1)
-    var = _per_channel("running_var", running_var, reference, 1)
-    eps = _real("eps", eps)
-    if not eps > 0 or math.isinf(eps):
-        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    """float64 ``(scale, shift)`` of eval-mode BN, and the floating dtype of the inputs."""
+    given = {"gamma": gamma, "beta": beta, "running_mean": running_mean,
+             "running_var": running_var}
+    floats = [np.asarray(a).dtype for a in given.values()
+              if a is not None and np.asarray(a).dtype.kind == "f"]
+    for name in ("running_mean", "running_var"):
+        if given[name] is None:
+            raise TypeError(f"{name} must be an array of shape (C,), got None")
+    shape = np.shape(running_mean)
+    if len(shape) != 1:
+        raise ValueError(f"running_mean must be 1-D, one value per channel, got shape {shape}")
+    where = f"running_mean (shape {shape})"
+    gamma, beta, mean, var = (_per_channel(name, a, shape[0], where) for name, a in given.items())
+    eps = _eps(eps)
     scale = 1.0 / np.sqrt(var + eps)
     if gamma is not None:
         scale = gamma * scale
     shift = -mean * scale
     if beta is not None:
         shift = shift + beta
-    floats = [np.asarray(a).dtype for a in (gamma, beta, running_mean, running_var)
-              if a is not None and np.asarray(a).dtype.kind == "f"]
     return scale, shift, np.result_type(*floats) if floats else np.dtype(np.float64)
 
 

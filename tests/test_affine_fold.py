@@ -114,3 +114,14 @@ def test_fold_float32_layer(rng):
     expected = _bn_eval(z, gamma, beta, rm, rv, 1e-5)
     got = x.astype(np.float64) @ np.asarray(w2, np.float64).T + np.asarray(b2, np.float64)
     assert_close(got, expected, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_inference_affine_keeps_the_parameters_dtype(dtype, rng):
+    c = 4
+    gamma, beta = rng.uniform(0.5, 2, c).astype(dtype), rng.normal(size=c).astype(dtype)
+    rm, rv = rng.normal(size=c).astype(dtype), rng.uniform(0.5, 2, c).astype(dtype)
+    scale, shift = fastbn.inference_affine(gamma, beta, rm, rv)
+    assert scale.dtype == dtype and shift.dtype == dtype
+    w, b = fastbn.fold(np.ones((c, 3), dtype), None, gamma, beta, rm, rv)
+    assert w.dtype == dtype and b.dtype == dtype

@@ -372,3 +372,51 @@ def test_backward_cuda_device_unavailable(rng):
     assert fastbn.cuda_available() is False
     args, kw = call_backward(bwd_kwargs(rng, device="cuda"))
     check_raises(RuntimeError, "(?i)cuda", [], *args, **kw)
+
+
+@pytest.mark.parametrize("training", ["no", None, 1, np.array([True, False])])
+def test_forward_training_must_be_a_flag(training, rng):
+    (f, *args), kw = call_forward(fwd_kwargs(rng, training=training))
+    check_raises(TypeError, "training", [], f, *args, **kw)
+
+
+@pytest.mark.parametrize("training", ["yes", None])
+def test_backward_training_must_be_a_flag(training, rng):
+    (f, *args), kw = call_backward(bwd_kwargs(rng, training=training))
+    check_raises(TypeError, "training", [], f, *args, **kw)
+
+
+@pytest.mark.parametrize("axis", [True, 1.0, "1"])
+def test_forward_axis_must_be_an_integer(axis, rng):
+    (f, *args), kw = call_forward(fwd_kwargs(rng, axis=axis))
+    check_raises(TypeError, "axis", [], f, *args, **kw)
+
+
+@pytest.mark.parametrize("which, alias", [("running_mean", "running_var"), ("running_mean", "x"),
+                                          ("running_mean", "out"), ("running_var", "x"),
+                                          ("running_var", "out")])
+def test_forward_running_stats_sharing_memory(which, alias, rng):
+    """Running statistics are written in place after y: sharing memory would corrupt them."""
+    kw = fwd_kwargs(rng)
+    if alias == "running_var":
+        kw["running_mean"] = kw["running_var"]
+    else:
+        kw[which] = kw[alias][0, :, 0]
+    (f, *args), kw = call_forward(kw)
+    check_raises(ValueError, "shares memory", [], f, *args, **kw)
+
+
+@pytest.mark.parametrize("bad", [np.zeros((3, 1)), np.float64(0.0)])
+def test_inference_affine_running_mean_not_1d(bad):
+    check_raises(ValueError, "running_mean", [str(np.shape(bad))], fastbn.inference_affine,
+                 None, None, bad, np.ones(3))
+
+
+def test_inference_affine_parameter_shape():
+    check_raises(ValueError, "gamma", ["(2,)", "(3,)"], fastbn.inference_affine,
+                 np.ones(2), None, np.zeros(3), np.ones(3))
+
+
+def test_fold_weight_channels():
+    check_raises(ValueError, "weight", ["(4, 5)"], fastbn.fold,
+                 np.ones((4, 5)), None, None, None, np.zeros(3), np.ones(3))
