@@ -28,7 +28,8 @@ small shapes.
 import numpy as np
 from numba import njit, prange
 
-CHUNK = 8192  # planar: elements of one channel reduced exactly (two passes, in L1/L2)
+CHUNK = 8192  # planar: elements of one channel reduced exactly (two passes, in L1/L2); maps:
+#               the longest run one work item writes, so that N = 1 still gives every core work
 TILE = 8192  # channels-last: elements of a (rows x columns) tile reduced exactly in cache
 SEGMENT = 1 << 18  # channels-last: elements per parallel work item (bounds the partials buffer)
 COLUMN_BLOCK = 1024  # channels-last: columns per work item, so wide rows still give many items
@@ -140,30 +141,42 @@ def _planar_grad_sums(dy, x, mean, rows, pieces):
     return _add_partials(sums)
 
 
+@njit(**_jit)
+def _piece(w, length, piece):
+    """Row ``w // pieces`` and its columns ``[i0, i1)``, for rows of ``length`` cut in ``piece``s."""
+    pieces = (length + piece - 1) // piece
+    i0 = (w % pieces) * piece
+    return w // pieces, i0, min(i0 + piece, length)
+
+
 @njit(parallel=True, fastmath=_MAP_MATH, **_jit)
-def _planar_affine(x, y, shift, scale, bias):
+def _planar_affine(x, y, shift, scale, bias, piece):
     outer, channels, inner = x.shape
-    for w in prange(outer * channels):
-        o = w // channels
-        c = w % channels
+    for w in prange(outer * channels * ((inner + piece - 1) // piece)):
+        run, i0, i1 = _piece(w, inner, piece)
+        o = run // channels
+        c = run % channels
         s, a, b = shift[c], scale[c], bias[c]
-        xr = x[o, c]
-        yr = y[o, c]
-        for i in range(inner):
+        # Slices, so that indices start at 0: Numba then knows they are not negative (no
+        # wraparound check), which the loop needs to vectorize.
+        xr = x[o, c, i0:i1]
+        yr = y[o, c, i0:i1]
+        for i in range(i1 - i0):
             yr[i] = a * (xr[i] - s) + b
 
 
 @njit(parallel=True, fastmath=_MAP_MATH, **_jit)
-def _planar_grad_map(dy, x, dx, mean, p, q, r):
+def _planar_grad_map(dy, x, dx, mean, p, q, r, piece):
     outer, channels, inner = x.shape
-    for w in prange(outer * channels):
-        o = w // channels
-        c = w % channels
+    for w in prange(outer * channels * ((inner + piece - 1) // piece)):
+        run, i0, i1 = _piece(w, inner, piece)
+        o = run // channels
+        c = run % channels
         m, pc, qc, rc = mean[c], p[c], q[c], r[c]
-        gr = dy[o, c]
-        xr = x[o, c]
-        dxr = dx[o, c]
-        for i in range(inner):
+        gr = dy[o, c, i0:i1]
+        xr = x[o, c, i0:i1]
+        dxr = dx[o, c, i0:i1]
+        for i in range(i1 - i0):
             dxr[i] = pc * gr[i] + qc * (xr[i] - m) + rc
 
 
@@ -256,24 +269,25 @@ def _rows_grad_sums(dy, x, mean, segment_rows, column_block):
 
 
 @njit(parallel=True, fastmath=_MAP_MATH, **_jit)
-def _rows_affine(x, y, shift, scale, bias):
-    rows, channels = x.shape
-    for r in prange(rows):
-        xr = x[r]
-        yr = y[r]
-        for c in range(channels):
-            yr[c] = scale[c] * (xr[c] - shift[c]) + bias[c]
+def _rows_affine(x, y, shift, scale, bias, piece):
+    rows, width = x.shape
+    for w in prange(rows * ((width + piece - 1) // piece)):
+        r, c0, c1 = _piece(w, width, piece)
+        xr, yr = x[r, c0:c1], y[r, c0:c1]
+        s, a, b = shift[c0:c1], scale[c0:c1], bias[c0:c1]
+        for c in range(c1 - c0):
+            yr[c] = a[c] * (xr[c] - s[c]) + b[c]
 
 
 @njit(parallel=True, fastmath=_MAP_MATH, **_jit)
-def _rows_grad_map(dy, x, dx, mean, p, q, r):
-    rows, channels = x.shape
-    for o in prange(rows):
-        gr = dy[o]
-        xr = x[o]
-        dxr = dx[o]
-        for c in range(channels):
-            dxr[c] = p[c] * gr[c] + q[c] * (xr[c] - mean[c]) + r[c]
+def _rows_grad_map(dy, x, dx, mean, p, q, r, piece):
+    rows, width = x.shape
+    for w in prange(rows * ((width + piece - 1) // piece)):
+        o, c0, c1 = _piece(w, width, piece)
+        gr, xr, dxr = dy[o, c0:c1], x[o, c0:c1], dx[o, c0:c1]
+        m, pc, qc, rc = mean[c0:c1], p[c0:c1], q[c0:c1], r[c0:c1]
+        for c in range(c1 - c0):
+            dxr[c] = pc[c] * gr[c] + qc[c] * (xr[c] - m[c]) + rc[c]
 
 
 # -- merging partial results, in chunk order --------------------------------------------------
@@ -403,17 +417,17 @@ def affine(x3, y3, shift, scale, bias):
     """``y = scale·(x − shift) + bias`` per channel, written into ``y3``."""
     inner = x3.shape[2]
     if inner >= PLANAR_RUN:
-        _planar_affine(x3, y3, shift, scale, bias)
+        _planar_affine(x3, y3, shift, scale, bias, CHUNK)
         return
     for (x, fold), (y, _) in zip(_row_parts(x3), _row_parts(y3)):
-        _rows_affine(x, y, *(_per_column(a, inner, fold) for a in (shift, scale, bias)))
+        _rows_affine(x, y, *(_per_column(a, inner, fold) for a in (shift, scale, bias)), CHUNK)
 
 
 def grad_map(dy3, x3, dx3, mean, p, q, r):
     """``dx = p·dy + q·(x − mean) + r`` per channel, written into ``dx3``."""
     inner = x3.shape[2]
     if inner >= PLANAR_RUN:
-        _planar_grad_map(dy3, x3, dx3, mean, p, q, r)
+        _planar_grad_map(dy3, x3, dx3, mean, p, q, r, CHUNK)
         return
     for (dy, fold), (x, _), (dx, _) in zip(_row_parts(dy3), _row_parts(x3), _row_parts(dx3)):
-        _rows_grad_map(dy, x, dx, *(_per_column(a, inner, fold) for a in (mean, p, q, r)))
+        _rows_grad_map(dy, x, dx, *(_per_column(a, inner, fold) for a in (mean, p, q, r)), CHUNK)
