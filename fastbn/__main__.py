@@ -87,14 +87,16 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per operation (best kept)")
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error(f"--repeat must be at least 1, got {args.repeat}")
     dtype = np.dtype(args.dtype)
     tolerance = 1e-5 if dtype == np.float32 else 1e-10
 
     print(f"fastbn {fastbn.__version__}: numpy {np.__version__}, numba {numba.__version__}, "
           f"Python {platform.python_version()}, {numba.get_num_threads()} threads, "
           f"{platform.machine()}, {os.cpu_count()} CPUs")
-    print(f"Compiling the {dtype} kernels (the first run compiles them, which takes a minute; "
-          f"later runs load them from Numba's cache)...", end=" ", flush=True)
+    print(f"Compiling the {dtype} kernels (the first run compiles them, which takes about half a "
+          f"minute; later runs load them from Numba's cache)...", end=" ", flush=True)
     start = time.perf_counter()
     _compile(dtype)
     print(f"done in {time.perf_counter() - start:.1f} s (threading layer: {numba.threading_layer()})")

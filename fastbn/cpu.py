@@ -1,13 +1,14 @@
 """CPU kernels: Numba-parallel per-channel reductions and affine maps.
 
 Every kernel works on the ``(outer, C, inner)`` view built by ``fastbn._layout``, in one of two
-cases:
+families:
 
-* planar (``inner > 1``): channel ``c`` is ``outer`` contiguous runs ``x[o, c, :]``;
-* channels-last (``inner == 1``, passed as the 2-D ``(rows, C)`` view): every row holds all channels,
-  so loops run across C and vectorize there.
+* planar (``inner >= PLANAR_RUN``): channel ``c`` is ``outer`` contiguous runs ``x[o, c, :]``, and
+  loops run along a run;
+* rows (channels-last and N×D, ``inner == 1``, and runs too short to vectorize): the view is read as
+  ``outer`` rows of ``C·inner`` values (``_row_parts``), and loops run across a row.
 
-Each case has the same few steps:
+Each family has the same few steps:
 
 ========== =============================== ==========================================
 step       forward                         backward
@@ -18,8 +19,8 @@ map        ``y = a·(x − s) + b``           ``dx = p·dy + q·(x − μ) + r``
 
 Numerics (DESIGN.md §3): all arithmetic is float64 whatever x's dtype. Statistics are taken of
 ``x − s``, with ``s`` one value of the channel, so that a large common offset never enters a sum.
-Each chunk of a channel is reduced exactly, with two passes while it sits in cache, and chunks are
-merged with Chan et al.'s formula in chunk order. Chunk boundaries depend on the shape and the block
+Each chunk of a channel (planar) or tile of rows (rows) is reduced exactly, with two passes while
+it sits in cache, and the pieces are merged with Chan et al.'s formula in a fixed order. Chunk boundaries depend on the shape and the block
 sizes below only, never on the thread count, so results are bitwise reproducible.
 
 The block sizes are read at call time, so tests can shrink them to run the multi-chunk paths on
