@@ -20,7 +20,7 @@ class ChannelView:
             if x.transpose(by_stride).flags.c_contiguous:
                 perm = by_stride
         self.perm = perm
-        self.inverse = tuple(np.argsort(perm))
+        self.inverse = tuple(int(a) for a in np.argsort(perm))
         self.memory_shape = tuple(x.shape[a] for a in perm)
         k = perm.index(axis)
         self.shape = (math.prod(self.memory_shape[:k]), x.shape[axis],

@@ -26,6 +26,9 @@ sizes below only, never on the thread count, so results are bitwise reproducible
 The block sizes are read at call time, so tests can shrink them to run the multi-chunk paths on
 small shapes.
 """
+import functools
+
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -36,6 +39,7 @@ SEGMENT = 1 << 18  # channels-last: elements per parallel work item (bounds the 
 COLUMN_BLOCK = 1024  # channels-last: columns per work item, so wide rows still give many items
 MIN_WORK_ITEMS = 16  # channels-last: parallel work items a tensor is cut into at the least
 FOLD_WIDTH = 64  # channels-last: rows narrower than this are read several at a time (_row_parts)
+PARALLEL_MIN = 1 << 16  # smaller tensors run on the calling thread: waking others costs more
 PLANAR_RUN = 32  # planar kernels need runs this long to pay; shorter ones are read as rows
 
 # Only the innermost sums of the planar reduction need reassociation (to vectorize). It lives in
@@ -374,9 +378,11 @@ def _row_parts(a3):
 
 def _per_column(values, inner, fold):
     """Per-channel values laid out along a row of ``_row_parts``."""
-    if inner > 1:
-        values = np.repeat(values, inner)
-    return np.tile(values, fold) if fold > 1 else values
+    if inner == 1 and fold == 1:
+        return values
+    laid_out = np.empty((fold, values.size, inner))
+    laid_out[...] = values[:, None]
+    return laid_out.reshape(-1)
 
 
 def _by_channel(columns, channels, inner):
@@ -384,6 +390,26 @@ def _by_channel(columns, channels, inner):
     return columns.reshape(-1, channels, inner).transpose(0, 2, 1).reshape(-1, channels)
 
 
+def _serial_when_small(step):
+    """Run ``step`` on the calling thread alone when its first array has < PARALLEL_MIN values.
+
+    Waking the thread pool costs more than a small tensor's work, and far more when other
+    processes hold the cores. Results do not change: the work is cut the same way either way.
+    """
+    @functools.wraps(step)
+    def run(a3, *args):
+        if a3.size >= PARALLEL_MIN:
+            return step(a3, *args)
+        threads = numba.get_num_threads()  # per calling thread, so this is thread-safe
+        numba.set_num_threads(1)
+        try:
+            return step(a3, *args)
+        finally:
+            numba.set_num_threads(threads)
+    return run
+
+
+@_serial_when_small
 def moments(x3, shift):
     """Per-channel mean of ``x − shift`` and sum of squared deviations ``M2``, both float64.
 
@@ -401,6 +427,7 @@ def moments(x3, shift):
     return _merge(np.array(counts, np.float64), np.concatenate(means), np.concatenate(m2s))
 
 
+@_serial_when_small
 def grad_sums(dy3, x3, mean):
     """Per-channel ``Σdy`` and ``Σdy·(x − mean)`` in float64, in one pass over dy and x."""
     outer, channels, inner = x3.shape
@@ -414,6 +441,7 @@ def grad_sums(dy3, x3, mean):
     return sums[0], sums[1]
 
 
+@_serial_when_small
 def affine(x3, y3, shift, scale, bias):
     """``y = scale·(x − shift) + bias`` per channel, written into ``y3``."""
     inner = x3.shape[2]
@@ -424,6 +452,7 @@ def affine(x3, y3, shift, scale, bias):
         _rows_affine(x, y, *(_per_column(a, inner, fold) for a in (shift, scale, bias)), CHUNK)
 
 
+@_serial_when_small
 def grad_map(dy3, x3, dx3, mean, p, q, r):
     """``dx = p·dy + q·(x − mean) + r`` per channel, written into ``dx3``."""
     inner = x3.shape[2]

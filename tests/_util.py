@@ -1,8 +1,19 @@
-"""Small helpers shared by the tests: tolerances, data generators, argument snapshots."""
+"""Small helpers shared by the tests: tolerances, parametrizations, data generators, argument
+snapshots."""
 import numpy as np
+import pytest
+
+from fastbn.cases import LAYOUTS
 
 TOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-10}
 DTYPES = (np.float32, np.float64)
+LAYOUT_IDS = [lay.name for lay in LAYOUTS]
+
+# The parametrizations most tests share, with the same argument names and ids everywhere.
+each_layout = pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+each_dtype = pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+each_mode = pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+plain_or_affine = pytest.mark.parametrize("affine", [False, True], ids=["plain", "affine"])
 
 
 def tol_for(*dtypes):
@@ -49,6 +60,17 @@ def make_running(rng, c, dtype=np.float64):
     rm = rng.uniform(-1.0, 1.0, c).astype(dtype)
     rv = rng.uniform(0.5, 2.0, c).astype(dtype)
     return rm, rv
+
+
+def make_case(rng, shape, axis, dtype=np.float64, **x_options):
+    """x, dy, gamma, beta, running_mean, running_var for one shape, drawn in that order
+    (x_options go to make_x for x)."""
+    c = shape[axis]
+    x = make_x(rng, shape, axis, dtype, **x_options)
+    dy = make_x(rng, shape, axis, dtype)
+    gamma, beta = make_affine(rng, c)
+    rm, rv = make_running(rng, c)
+    return x, dy, gamma, beta, rm, rv
 
 
 class Snapshot:

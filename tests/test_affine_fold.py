@@ -3,15 +3,13 @@ import numpy as np
 import pytest
 
 import fastbn
-from fastbn.cases import LAYOUTS
 
-from _util import Snapshot, assert_close, bcast, make_affine, make_running, make_x, tol_for
-
-LAYOUT_IDS = [lay.name for lay in LAYOUTS]
+from _util import (Snapshot, assert_close, bcast, each_dtype, each_layout, make_affine,
+                   make_running, make_x, tol_for)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+@each_dtype
+@each_layout
 def test_inference_affine_matches_eval_forward(layout, dtype, rng):
     shape, axis = layout.small, layout.axis
     c = shape[axis]

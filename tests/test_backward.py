@@ -3,72 +3,39 @@ import numpy as np
 import pytest
 
 import fastbn
-from fastbn.cases import LAYOUTS
 
 import reference
-from _util import DTYPES, assert_close, make_affine, make_running, make_x, tol_for
-
-LAYOUT_IDS = [lay.name for lay in LAYOUTS]
-
-
-def check_backward(dy, x, mean, invstd, gamma=None, axis=1, training=True):
-    c = x.shape[axis]
-    dy0, x0 = dy.copy(), x.copy()
-    stats = fastbn.BatchStats(np.array(mean, dtype=np.float64), np.array(invstd, dtype=np.float64))
-    dx, dgamma, dbeta = fastbn.backward(dy, x, stats, gamma, axis=axis, training=training)
-    rdx, rdgamma, rdbeta = reference.backward(dy0, x0, mean, invstd, gamma, axis, training)
-    pdtype = x.dtype if gamma is None else np.asarray(gamma).dtype
-    assert type(dx) is np.ndarray and dx.dtype == x.dtype and dx.shape == x.shape
-    for g in (dgamma, dbeta):
-        assert type(g) is np.ndarray and g.shape == (c,) and g.dtype == pdtype
-    assert np.array_equal(dy, dy0) and np.array_equal(x, x0), "inputs modified"
-    tol = tol_for(x.dtype)
-    assert_close(dx, rdx, tol, "dx")
-    assert_close(dgamma, rdgamma, tol_for(x.dtype, pdtype), "dgamma")
-    assert_close(dbeta, rdbeta, tol_for(x.dtype, pdtype), "dbeta")
-    return dx, dgamma, dbeta
+from _util import (each_dtype, each_layout, each_mode, make_affine, make_case, make_running,
+                   make_x, plain_or_affine)
+from checks import check_backward, check_forward_backward, reference_stats
 
 
-@pytest.mark.parametrize("affine", [False, True], ids=["plain", "affine"])
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+@plain_or_affine
+@each_mode
+@each_dtype
+@each_layout
 def test_backward_matches_reference(layout, dtype, training, affine, rng):
     shape, axis = layout.small, layout.axis
     c = shape[axis]
     x = make_x(rng, shape, axis, dtype)
     dy = make_x(rng, shape, axis, dtype)
     gamma = make_affine(rng, c)[0] if affine else None
-    rm, rv = make_running(rng, c)
-    _, mean, invstd, _, _ = reference.forward(x, None, None, axis, training, rm, rv)
+    mean, invstd = reference_stats(rng, x, axis, training)
     check_backward(dy, x, mean, invstd, gamma, axis, training)
 
 
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+@each_mode
+@each_dtype
+@each_layout
 def test_round_trip_with_fastbn_stats(layout, dtype, training, rng):
     """forward -> backward using the stats forward returned, against the reference chain."""
-    shape, axis = layout.small, layout.axis
-    c = shape[axis]
-    x = make_x(rng, shape, axis, dtype)
-    dy = make_x(rng, shape, axis, dtype)
-    gamma, beta = make_affine(rng, c)
-    rm, rv = make_running(rng, c)
-    rm0, rv0 = rm.copy(), rv.copy()
-    y, stats = fastbn.forward(x, gamma, beta, axis=axis, training=training,
-                              running_mean=rm, running_var=rv)
-    dx, dgamma, dbeta = fastbn.backward(dy, x, stats, gamma, axis=axis, training=training)
-    _, mean, invstd, _, _ = reference.forward(x, gamma, beta, axis, training, rm0, rv0)
-    rdx, rdgamma, rdbeta = reference.backward(dy, x, mean, invstd, gamma, axis, training)
-    tol = tol_for(dtype)
-    assert_close(dx, rdx, tol, "dx")
-    assert_close(dgamma, rdgamma, tol, "dgamma")
-    assert_close(dbeta, rdbeta, tol, "dbeta")
+    x, dy, gamma, beta, rm, rv = make_case(rng, layout.small, layout.axis, dtype)
+    check_forward_backward(x, dy, gamma, beta, axis=layout.axis, training=training,
+                           running=(rm, rv), reference_chain=True)
 
 
 @pytest.mark.parametrize("gdtype", [np.float32, np.float64], ids=["g32", "g64"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@each_dtype
 def test_parameter_gradient_dtype_follows_gamma(dtype, gdtype, rng):
     x = make_x(rng, (4, 3, 7, 9), 1, dtype)
     dy = make_x(rng, (4, 3, 7, 9), 1, dtype)
@@ -123,8 +90,8 @@ def _numeric_grad(f, a, h=1e-6):
     return g
 
 
-@pytest.mark.parametrize("affine", [False, True], ids=["plain", "affine"])
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@plain_or_affine
+@each_mode
 @pytest.mark.parametrize("shape,axis", [((3, 2, 4), 1), ((5, 3), 1), ((2, 3, 2, 3), -1)],
                          ids=["NCL", "NxD", "NHWC"])
 def test_finite_differences(shape, axis, training, affine, rng):

@@ -3,14 +3,10 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 import fastbn
-from fastbn.cases import LAYOUTS
 
-from _util import DTYPES, make_affine, make_running, make_x
+from _util import each_dtype, each_layout, make_case
 
-LAYOUT_IDS = [lay.name for lay in LAYOUTS]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -24,17 +20,12 @@ def _run_all(x, dy, gamma, beta, rm, rv, axis):
     return [y, s.mean, s.invstd, rm, rv, dx, dg, db, ye, se.mean, se.invstd, dxe, dge, dbe]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+@each_dtype
+@each_layout
 def test_same_call_twice_is_bitwise_identical(layout, dtype, rng):
-    shape, axis = layout.small, layout.axis
-    c = shape[axis]
-    x = make_x(rng, shape, axis, dtype)
-    dy = make_x(rng, shape, axis, dtype)
-    gamma, beta = make_affine(rng, c)
-    rm, rv = make_running(rng, c)
-    first = _run_all(x, dy, gamma, beta, rm, rv, axis)
-    second = _run_all(x, dy, gamma, beta, rm, rv, axis)
+    case = make_case(rng, layout.small, layout.axis, dtype)
+    first = _run_all(*case, layout.axis)
+    second = _run_all(*case, layout.axis)
     for a, b in zip(first, second):
         assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
@@ -95,3 +86,17 @@ def test_bitwise_identical_across_thread_counts():
         diff = [(a, b) for a, b in zip(one, other) if a != b]
         assert not diff, f"NUMBA_NUM_THREADS=1 vs {threads}: " + "; ".join(
             a.rsplit(" ", 1)[0] for a, _ in diff)
+
+
+@each_dtype
+@each_layout
+def test_calling_thread_alone_gives_the_pool_bits(layout, dtype, rng, monkeypatch):
+    """Small tensors run on the calling thread (PARALLEL_MIN): the same bits as the pool."""
+    import fastbn.cpu
+    case = make_case(rng, layout.small, layout.axis, dtype)
+    monkeypatch.setattr(fastbn.cpu, "PARALLEL_MIN", 0)
+    pooled = _run_all(*case, layout.axis)
+    monkeypatch.setattr(fastbn.cpu, "PARALLEL_MIN", 10**12)
+    alone = _run_all(*case, layout.axis)
+    for a, b in zip(pooled, alone):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()

@@ -77,6 +77,20 @@ def call_backward(kw):
     return (fastbn.backward, dy, x, stats, gamma), kw
 
 
+def read_only(a):
+    a.flags.writeable = False
+    return a
+
+
+def overlapping(rng, shift):
+    """(a, b): two SHAPE arrays in one buffer, b starting `shift` elements after a (before a if
+    shift is negative), so that they partly overlap."""
+    n = int(np.prod(SHAPE))
+    base = rng.standard_normal(n + abs(shift))
+    first, second = base[:n].reshape(SHAPE), base[abs(shift):abs(shift) + n].reshape(SHAPE)
+    return (first, second) if shift > 0 else (second, first)
+
+
 X = r"\bx\b"
 
 
@@ -180,9 +194,7 @@ def test_forward_out_shape(shape, rng):
 
 
 def test_forward_out_read_only(rng):
-    out = np.zeros(SHAPE)
-    out.flags.writeable = False
-    args, kw = call_forward(fwd_kwargs(rng, out=out))
+    args, kw = call_forward(fwd_kwargs(rng, out=read_only(np.zeros(SHAPE))))
     check_raises(ValueError, "out", [], *args, **kw)
 
 
@@ -205,12 +217,7 @@ def test_forward_running_stats_read_only_fine_in_eval(rng):
 
 @pytest.mark.parametrize("shift", [1, -1, 5])
 def test_forward_out_partly_overlapping_x(shift, rng):
-    n = int(np.prod(SHAPE))
-    base = rng.standard_normal(n + abs(shift))
-    if shift > 0:
-        x, out = base[:n].reshape(SHAPE), base[shift:shift + n].reshape(SHAPE)
-    else:
-        x, out = base[-shift:].reshape(SHAPE), base[:n].reshape(SHAPE)
+    x, out = overlapping(rng, shift)
     args, kw = call_forward(fwd_kwargs(rng, x=x, out=out))
     check_raises(ValueError, "out", [], *args, **kw)
 
@@ -326,29 +333,20 @@ def test_backward_out_shape(shape, rng):
 
 
 def test_backward_out_read_only(rng):
-    out = np.zeros(SHAPE)
-    out.flags.writeable = False
-    args, kw = call_backward(bwd_kwargs(rng, out=out))
+    args, kw = call_backward(bwd_kwargs(rng, out=read_only(np.zeros(SHAPE))))
     check_raises(ValueError, "out", [], *args, **kw)
 
 
 @pytest.mark.parametrize("shift", [1, -1])
 def test_backward_out_partly_overlapping_x(shift, rng):
-    n = int(np.prod(SHAPE))
-    base = rng.standard_normal(n + 1)
-    if shift > 0:
-        x, out = base[:n].reshape(SHAPE), base[1:].reshape(SHAPE)
-    else:
-        x, out = base[1:].reshape(SHAPE), base[:n].reshape(SHAPE)
+    x, out = overlapping(rng, shift)
     args, kw = call_backward(bwd_kwargs(rng, x=x, out=out))
     check_raises(ValueError, "out", [], *args, **kw)
 
 
 def test_backward_out_partly_overlapping_dy(rng):
     """Partial overlap with dy cannot be computed in place: refuse it, or get it right."""
-    n = int(np.prod(SHAPE))
-    base = rng.standard_normal(n + 1)
-    dy, out = base[:n].reshape(SHAPE), base[1:].reshape(SHAPE)
+    dy, out = overlapping(rng, 1)
     kw = bwd_kwargs(rng, dy=dy, out=out)
     dy0 = dy.copy()
     expected = fastbn.backward(dy0, kw["x"], kw["stats"], kw["gamma"])[0]

@@ -3,53 +3,17 @@ import numpy as np
 import pytest
 
 import fastbn
-from fastbn.cases import LAYOUTS
 
 import reference
-from _util import DTYPES, assert_close, make_affine, make_running, make_x, tol_for
-
-LAYOUT_IDS = [lay.name for lay in LAYOUTS]
-
-
-def check_forward(x, gamma=None, beta=None, axis=1, training=True, running=True,
-                  momentum=0.1, eps=1e-5, running_dtype=np.float64, rng=None):
-    """Run fastbn.forward and the reference on the same inputs; compare everything."""
-    c = x.shape[axis]
-    rng = rng if rng is not None else np.random.default_rng(0)
-    rm, rv = make_running(rng, c, running_dtype) if running else (None, None)
-    x0 = x.copy()
-    rm0 = None if rm is None else rm.copy()
-    rv0 = None if rv is None else rv.copy()
-
-    y, stats = fastbn.forward(x, gamma, beta, axis=axis, training=training,
-                              running_mean=rm, running_var=rv, momentum=momentum, eps=eps)
-    ry, rmean, rinvstd, rrm, rrv = reference.forward(x0, gamma, beta, axis, training,
-                                                     rm0, rv0, momentum, eps)
-    tol = tol_for(x.dtype)
-    assert type(y) is np.ndarray and y.dtype == x.dtype and y.shape == x.shape
-    assert isinstance(stats, fastbn.BatchStats)
-    for a in stats:
-        assert type(a) is np.ndarray and a.dtype == np.float64 and a.shape == (c,)
-    assert np.array_equal(x, x0), "x was modified"
-    assert_close(y, ry, tol, "y")
-    assert_close(stats.mean, rmean, tol, "stats.mean")
-    assert_close(stats.invstd, rinvstd, tol, "stats.invstd")
-    if running:
-        assert rm.dtype == running_dtype and rv.dtype == running_dtype
-        if training:
-            rtol = tol_for(x.dtype, running_dtype)
-            assert_close(rm, rrm, rtol, "running_mean")
-            assert_close(rv, rrv, rtol, "running_var")
-        else:
-            assert rm.tobytes() == rm0.tobytes() and rv.tobytes() == rv0.tobytes(), \
-                "running stats modified in eval mode"
-    return y, stats
+from _util import (assert_close, each_dtype, each_layout, each_mode, make_affine, make_running,
+                   make_x, plain_or_affine)
+from checks import check_backward, check_forward
 
 
-@pytest.mark.parametrize("affine", [False, True], ids=["plain", "affine"])
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+@plain_or_affine
+@each_mode
+@each_dtype
+@each_layout
 def test_forward_matches_reference(layout, dtype, training, affine, rng):
     shape, axis = layout.small, layout.axis
     x = make_x(rng, shape, axis, dtype)
@@ -57,14 +21,14 @@ def test_forward_matches_reference(layout, dtype, training, affine, rng):
     check_forward(x, gamma, beta, axis=axis, training=training, rng=rng)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+@each_layout
 def test_forward_training_without_running_stats(layout, rng):
     x = make_x(rng, layout.small, layout.axis)
     check_forward(x, axis=layout.axis, training=True, running=False)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+@each_dtype
+@each_layout
 def test_positive_and_negative_axis_agree(layout, dtype, rng):
     x = make_x(rng, layout.small, layout.axis, dtype)
     ndim = x.ndim
@@ -79,7 +43,7 @@ def test_positive_and_negative_axis_agree(layout, dtype, rng):
     ((2, 3), 0), ((5, 4, 3), 0), ((5, 4, 3), 2), ((3, 4, 5, 6), 2), ((3, 4, 5, 6), -2),
     ((6, 5, 4, 3, 2), 3), ((2, 3, 4, 5, 6), -1),
 ])
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@each_dtype
 def test_other_axes(shape, axis, dtype, rng):
     x = make_x(rng, shape, axis, dtype)
     gamma, beta = make_affine(rng, shape[axis])
@@ -91,7 +55,7 @@ def test_other_axes(shape, axis, dtype, rng):
     ((1, 3, 1, 5), 1), ((2, 1, 3), 1), ((5, 3, 1, 1), 1), ((1, 1, 4, 1), 1), ((7, 1), 1),
     ((1, 5, 1, 3), -1), ((2, 1), 0), ((1, 2, 1), 1),
 ])
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@each_dtype
 def test_size_one_dimensions(shape, axis, dtype, rng):
     x = make_x(rng, shape, axis, dtype)
     gamma, beta = make_affine(rng, shape[axis])
@@ -101,7 +65,7 @@ def test_size_one_dimensions(shape, axis, dtype, rng):
     check_forward(x, gamma, beta, axis=axis, training=False, rng=rng)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@each_dtype
 def test_eval_with_a_single_sample(dtype, rng):
     """One value per channel is an error in training only; eval just applies the map."""
     x = make_x(rng, (1, 6), 1, dtype)
@@ -142,7 +106,7 @@ def test_array_likes_are_accepted(rng):
 
 
 @pytest.mark.parametrize("rdtype", [np.float32, np.float64], ids=["run32", "run64"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@each_dtype
 def test_running_stats_in_their_own_dtype(dtype, rdtype, rng):
     x = make_x(rng, (4, 6, 7, 5), -1, dtype)
     check_forward(x, axis=-1, training=True, running_dtype=rdtype, rng=rng)
@@ -165,7 +129,7 @@ def test_batchstats_is_a_namedtuple():
     assert mean is s.mean and invstd is s.invstd
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+@each_layout
 def test_device_cpu_same_as_default(layout, rng):
     x = make_x(rng, layout.small, layout.axis, np.float32)
     y1, s1 = fastbn.forward(x, axis=layout.axis)
@@ -189,8 +153,8 @@ LONGER = [("NHWC-long", (16, 12, 10, 5), -1), ("NxD-long", (300, 130), 1),
           ("NxD-narrow", (2000, 3), 1), ("NCL-short-rows", (400, 2, 3), 1)]
 
 
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@each_mode
+@each_dtype
 @pytest.mark.parametrize("name,shape,axis", LONGER, ids=[c[0] for c in LONGER])
 def test_more_rows_forward_backward(name, shape, axis, dtype, training, rng):
     c = shape[axis]
@@ -198,18 +162,12 @@ def test_more_rows_forward_backward(name, shape, axis, dtype, training, rng):
     gamma, beta = make_affine(rng, c)
     y, stats = check_forward(x, gamma, beta, axis=axis, training=training, rng=rng)
     dy = make_x(rng, shape, axis, dtype)
-    dx, dgamma, dbeta = fastbn.backward(dy, x, stats, gamma, axis=axis, training=training)
-    rdx, rdgamma, rdbeta = reference.backward(dy, x, stats.mean, stats.invstd, gamma, axis,
-                                              training)
-    tol = tol_for(dtype)
-    assert_close(dx, rdx, tol, "dx")
-    assert_close(dgamma, rdgamma, tol, "dgamma")
-    assert_close(dbeta, rdbeta, tol, "dbeta")
+    check_backward(dy, x, stats.mean, stats.invstd, gamma, axis, training)
 
 
 @pytest.mark.parametrize("which", ["gamma_only", "beta_only"])
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+@each_mode
+@each_layout
 def test_gamma_or_beta_alone(layout, training, which, rng):
     shape, axis = layout.small, layout.axis
     x = make_x(rng, shape, axis, np.float64)
@@ -220,9 +178,4 @@ def test_gamma_or_beta_alone(layout, training, which, rng):
         gamma = None
     y, stats = check_forward(x, gamma, beta, axis=axis, training=training, rng=rng)
     dy = make_x(rng, shape, axis)
-    dx, dgamma, dbeta = fastbn.backward(dy, x, stats, gamma, axis=axis, training=training)
-    rdx, rdgamma, rdbeta = reference.backward(dy, x, stats.mean, stats.invstd, gamma, axis,
-                                              training)
-    assert_close(dx, rdx, 1e-10)
-    assert_close(dgamma, rdgamma, 1e-10)
-    assert_close(dbeta, rdbeta, 1e-10)
+    check_backward(dy, x, stats.mean, stats.invstd, gamma, axis, training)

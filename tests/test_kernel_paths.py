@@ -8,12 +8,10 @@ import numpy as np
 import pytest
 
 import fastbn
-from fastbn.cases import LAYOUTS
 
 import reference
-from _util import DTYPES, assert_close, make_affine, make_running, make_x, tol_for
-from test_backward import check_backward
-from test_forward import check_forward
+from _util import assert_close, each_dtype, each_layout, each_mode, make_affine, make_x, tol_for
+from checks import check_backward, check_forward, reference_stats
 
 PATHS = {"planar": 1, "rows": 10**9}
 
@@ -25,9 +23,9 @@ def kernel_path(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("layout", LAYOUTS, ids=[lay.name for lay in LAYOUTS])
+@each_mode
+@each_dtype
+@each_layout
 def test_forward_and_backward(kernel_path, layout, dtype, training, rng):
     shape, axis = layout.small, layout.axis
     c = shape[axis]
@@ -35,12 +33,11 @@ def test_forward_and_backward(kernel_path, layout, dtype, training, rng):
     gamma, beta = make_affine(rng, c)
     check_forward(x, gamma, beta, axis=axis, training=training, rng=rng)
     dy = make_x(rng, shape, axis, dtype)
-    rm, rv = make_running(rng, c)
-    _, mean, invstd, _, _ = reference.forward(x, None, None, axis, training, rm, rv)
+    mean, invstd = reference_stats(rng, x, axis, training)
     check_backward(dy, x, mean, invstd, gamma, axis, training)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=[lay.name for lay in LAYOUTS])
+@each_layout
 def test_large_offset_and_constant_channel(kernel_path, layout, rng):
     shape, axis = layout.small, layout.axis
     c = shape[axis]

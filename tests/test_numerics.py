@@ -3,90 +3,53 @@ import numpy as np
 import pytest
 
 import fastbn
-from fastbn.cases import LAYOUTS
 
 import reference
-from _util import DTYPES, assert_close, make_affine, make_running, make_x, tol_for
-
-LAYOUT_IDS = [lay.name for lay in LAYOUTS]
+from _util import (assert_close, each_dtype, each_layout, each_mode, make_affine,
+                   make_case, make_x, plain_or_affine, tol_for)
+from checks import check_forward, check_forward_backward
 
 
 # ---------------------------------------------------------------- large offsets
 
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+def _check_large_offset(layout, training, rng, dtype, offset, spread, **checks):
+    """Data of std 1 around offset ± spread, running mean around offset: forward and backward
+    against the reference (check_forward's `checks` on top).
+
+    backward is fed the very stats fastbn returned (a float64 mean can only be as exact as its
+    rounding, and x_hat depends on it at the 1e-8 level)."""
+    shape, axis = layout.small, layout.axis
+    c = shape[axis]
+    x = make_x(rng, shape, axis, dtype, offset=offset + rng.uniform(-spread, spread, c), scale=1.0)
+    gamma, beta = make_affine(rng, c)
+    rm = (np.full(c, offset) + rng.uniform(-1, 1, c)).astype(dtype)
+    rv = rng.uniform(0.5, 2.0, c).astype(dtype)
+    dy = make_x(rng, shape, axis, dtype)
+    check_forward_backward(x, dy, gamma, beta, axis=axis, training=training, running=(rm, rv),
+                           **checks)
+
+
+@each_mode
+@each_layout
 def test_large_offset_float64(layout, training, rng):
     """mean 1e8, std 1: E[x^2] - E[x]^2 would lose every digit; fastbn must not."""
-    shape, axis = layout.small, layout.axis
-    c = shape[axis]
-    x = make_x(rng, shape, axis, np.float64, offset=1e8 + rng.uniform(-100, 100, c), scale=1.0)
-    gamma, beta = make_affine(rng, c)
-    rm = np.full(c, 1e8) + rng.uniform(-1, 1, c)
-    rv = rng.uniform(0.5, 2.0, c)
-    rm0, rv0 = rm.copy(), rv.copy()
-    y, stats = fastbn.forward(x, gamma, beta, axis=axis, training=training,
-                              running_mean=rm, running_var=rv)
-    ry, rmean, rinvstd, rrm, rrv = reference.forward(x, gamma, beta, axis, training, rm0, rv0)
-    assert_close(y, ry, 1e-10, "y")
-    assert np.all(np.abs(stats.mean - rmean) <= 4 * np.spacing(np.abs(rmean))), \
-        (stats.mean - rmean) / np.spacing(np.abs(rmean))
-    assert_close(stats.invstd, rinvstd, 1e-10, "invstd (variance accuracy)")
-    if training:
-        assert_close(rm, rrm, 1e-10, "running_mean")
-        assert_close(rv, rrv, 1e-10, "running_var")
-
-    # backward, fed the very stats fastbn returned (a float64 mean can only be as exact as its
-    # rounding, and x_hat depends on it at the 1e-8 level)
-    dy = make_x(rng, shape, axis)
-    dx, dgamma, dbeta = fastbn.backward(dy, x, stats, gamma, axis=axis, training=training)
-    rdx, rdgamma, rdbeta = reference.backward(dy, x, stats.mean, stats.invstd, gamma, axis,
-                                              training)
-    assert_close(dx, rdx, 1e-10, "dx")
-    assert_close(dgamma, rdgamma, 1e-10, "dgamma")
-    assert_close(dbeta, rdbeta, 1e-10, "dbeta")
+    _check_large_offset(layout, training, rng, np.float64, 1e8, 100, mean_ulps=4)
 
 
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+@each_mode
+@each_layout
 def test_large_offset_float32(layout, training, rng):
-    shape, axis = layout.small, layout.axis
-    c = shape[axis]
-    x = make_x(rng, shape, axis, np.float32, offset=1e4 + rng.uniform(-10, 10, c), scale=1.0)
-    gamma, beta = make_affine(rng, c)
-    rm = (np.full(c, 1e4) + rng.uniform(-1, 1, c)).astype(np.float32)
-    rv = rng.uniform(0.5, 2.0, c).astype(np.float32)
-    rm0, rv0 = rm.copy(), rv.copy()
-    y, stats = fastbn.forward(x, gamma, beta, axis=axis, training=training,
-                              running_mean=rm, running_var=rv)
-    ry, rmean, rinvstd, rrm, rrv = reference.forward(x, gamma, beta, axis, training, rm0, rv0)
-    assert_close(y, ry, 1e-5, "y")
-    assert_close(stats.mean, rmean, 1e-5, "mean")
-    assert_close(stats.invstd, rinvstd, 1e-5, "invstd (variance accuracy)")
-    if training:
-        assert_close(rm, rrm, 1e-5, "running_mean")
-        assert_close(rv, rrv, 1e-5, "running_var")
-    dy = make_x(rng, shape, axis, np.float32)
-    dx, dgamma, dbeta = fastbn.backward(dy, x, stats, gamma, axis=axis, training=training)
-    rdx, rdgamma, rdbeta = reference.backward(dy, x, stats.mean, stats.invstd, gamma, axis,
-                                              training)
-    assert_close(dx, rdx, 1e-5, "dx")
-    assert_close(dgamma, rdgamma, 1e-5, "dgamma")
-    assert_close(dbeta, rdbeta, 1e-5, "dbeta")
+    _check_large_offset(layout, training, rng, np.float32, 1e4, 10)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+@each_dtype
+@each_layout
 def test_tiny_variance(layout, dtype, rng):
     """std 1e-3 around 1, with eps small enough that the variance dominates."""
-    shape, axis = layout.small, layout.axis
-    x = make_x(rng, shape, axis, dtype, offset=1.0, scale=1e-3)
-    y, stats = fastbn.forward(x, axis=axis, eps=1e-12)
-    ry, rmean, rinvstd, _, _ = reference.forward(x, axis=axis, eps=1e-12)
-    tol = tol_for(dtype)
+    x = make_x(rng, layout.small, layout.axis, dtype, offset=1.0, scale=1e-3)
     # float32 data with std 1e-3 at 1 carries ~1e-4 relative quantization; the reference sees
     # the same quantized values, so the comparison stays at the contract's tolerance
-    assert_close(y, ry, tol)
-    assert_close(stats.invstd, rinvstd, tol)
+    check_forward(x, axis=layout.axis, running=False, eps=1e-12)
 
 
 # ---------------------------------------------------------------- constant channels
@@ -94,9 +57,9 @@ def test_tiny_variance(layout, dtype, rng):
 CONSTANTS = {np.float32: [1e7 + 1, 3.7, -0.1, 0.0], np.float64: [0.1, 1e8 + 0.5, -3.7, 0.0]}
 
 
-@pytest.mark.parametrize("affine", [False, True], ids=["plain", "affine"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+@plain_or_affine
+@each_dtype
+@each_layout
 def test_constant_channels_give_beta(layout, dtype, affine, rng):
     shape, axis = layout.small, layout.axis
     c = shape[axis]
@@ -194,42 +157,19 @@ class TestDefaultBlockSizes:
         assert fastbn.cpu.CHUNK == 8192 and fastbn.cpu.TILE == 8192
         assert fastbn.cpu.SEGMENT == 1 << 18 and fastbn.cpu.COLUMN_BLOCK == 1024
 
-    @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+    @each_dtype
     @pytest.mark.parametrize("name,shape,axis", DEFAULT_CASES, ids=[c[0] for c in DEFAULT_CASES])
     def test_forward_backward(self, name, shape, axis, dtype, rng):
-        c = shape[axis]
-        x = make_x(rng, shape, axis, dtype, offset=rng.uniform(-50, 50, c))
-        dy = make_x(rng, shape, axis, dtype)
-        gamma, beta = make_affine(rng, c)
-        rm, rv = make_running(rng, c)
-        rm0, rv0 = rm.copy(), rv.copy()
-        tol = tol_for(dtype)
-        y, stats = fastbn.forward(x, gamma, beta, axis=axis, running_mean=rm, running_var=rv)
-        ry, rmean, rinvstd, rrm, rrv = reference.forward(x, gamma, beta, axis, True, rm0, rv0)
-        assert_close(y, ry, tol, "y")
-        assert_close(stats.mean, rmean, tol, "mean")
-        assert_close(stats.invstd, rinvstd, tol, "invstd")
-        assert_close(rm, rrm, tol, "running_mean")
-        assert_close(rv, rrv, tol, "running_var")
-        dx, dgamma, dbeta = fastbn.backward(dy, x, stats, gamma, axis=axis)
-        rdx, rdgamma, rdbeta = reference.backward(dy, x, rmean, rinvstd, gamma, axis, True)
-        assert_close(dx, rdx, tol, "dx")
-        assert_close(dgamma, rdgamma, tol, "dgamma")
-        assert_close(dbeta, rdbeta, tol, "dbeta")
-        # eval
-        ye, se = fastbn.forward(x, gamma, beta, axis=axis, training=False,
-                                running_mean=rm, running_var=rv)
-        rye, rme, rie, _, _ = reference.forward(x, gamma, beta, axis, False, rm, rv)
-        assert_close(ye, rye, tol, "eval y")
-        dxe, _, _ = fastbn.backward(dy, x, se, gamma, axis=axis, training=False)
-        assert_close(dxe, reference.backward(dy, x, rme, rie, gamma, axis, False)[0], tol, "eval dx")
+        x, dy, gamma, beta, rm, rv = make_case(rng, shape, axis, dtype,
+                                               offset=rng.uniform(-50, 50, shape[axis]))
+        check_forward_backward(x, dy, gamma, beta, axis=axis, running=(rm, rv),
+                               reference_chain=True)
+        # eval, with the running statistics training left
+        check_forward_backward(x, dy, gamma, beta, axis=axis, training=False, running=(rm, rv),
+                               reference_chain=True)
 
     @pytest.mark.parametrize("name,shape,axis", DEFAULT_CASES[:2], ids=[c[0] for c in DEFAULT_CASES[:2]])
     def test_large_offset_float64(self, name, shape, axis, rng):
         c = shape[axis]
         x = make_x(rng, shape, axis, np.float64, offset=1e8 + rng.uniform(-100, 100, c), scale=1.0)
-        y, stats = fastbn.forward(x, axis=axis)
-        ry, rmean, rinvstd, _, _ = reference.forward(x, axis=axis)
-        assert_close(y, ry, 1e-10, "y")
-        assert np.all(np.abs(stats.mean - rmean) <= 4 * np.spacing(np.abs(rmean)))
-        assert_close(stats.invstd, rinvstd, 1e-10, "invstd")
+        check_forward(x, axis=axis, running=False, mean_ulps=4)

@@ -1,13 +1,9 @@
 """out=: a new array, the input itself (in place), and non-contiguous views of bigger arrays."""
 import numpy as np
-import pytest
 
 import fastbn
-from fastbn.cases import LAYOUTS
 
-from _util import DTYPES, make_affine, make_running, make_x
-
-LAYOUT_IDS = [lay.name for lay in LAYOUTS]
+from _util import each_dtype, each_layout, each_mode, make_affine, make_running, make_x
 
 
 def _strided_out(shape, dtype, axis):
@@ -27,9 +23,9 @@ def _outside_untouched(big, view):
     return np.all(big[mask] == -123.0)
 
 
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+@each_mode
+@each_dtype
+@each_layout
 def test_forward_out(layout, dtype, training, rng):
     shape, axis = layout.small, layout.axis
     c = shape[axis]
@@ -82,9 +78,9 @@ def test_forward_out(layout, dtype, training, rng):
     same(res)
 
 
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+@each_mode
+@each_dtype
+@each_layout
 def test_backward_out(layout, dtype, training, rng):
     shape, axis = layout.small, layout.axis
     c = shape[axis]

@@ -7,6 +7,7 @@ import fastbn
 
 import reference
 from _util import assert_close, tol_for
+from checks import check_forward_backward
 
 # the autouse block-size fixture is function scoped but constant across examples
 SETTINGS = settings(max_examples=40, deadline=None,
@@ -27,53 +28,32 @@ def cases(draw):
     return shape, axis, dtype, training, affine, seed, 10.0 ** log_scale, rel_offset
 
 
+def _data(shape, axis, dtype, seed, scale, rel_offset, training=True):
+    """(rng, c, x) for a case; rejects (hypothesis.assume) training on one value per channel."""
+    c = shape[axis]
+    assume(not training or int(np.prod(shape)) // c > 1)
+    rng = np.random.default_rng(seed)
+    x = ((rng.standard_normal(shape) + rel_offset) * scale).astype(dtype)
+    return rng, c, x
+
+
 @SETTINGS
 @given(cases())
 def test_random_forward_backward(case):
     shape, axis, dtype, training, affine, seed, scale, rel_offset = case
-    c = shape[axis]
-    m = int(np.prod(shape)) // c
-    assume(not training or m > 1)
-    rng = np.random.default_rng(seed)
-    x = ((rng.standard_normal(shape) + rel_offset) * scale).astype(dtype)
+    rng, c, x = _data(shape, axis, dtype, seed, scale, rel_offset, training)
     dy = rng.standard_normal(shape).astype(dtype)
     gamma, beta = (rng.uniform(-2, 2, c), rng.uniform(-2, 2, c)) if affine else (None, None)
     rm = (rng.uniform(-1, 1, c) * scale + rel_offset * scale)
     rv = rng.uniform(0.5, 2.0, c) * scale ** 2
-    rm0, rv0 = rm.copy(), rv.copy()
-    tol = tol_for(dtype)
-
-    y, stats = fastbn.forward(x, gamma, beta, axis=axis, training=training,
-                              running_mean=rm, running_var=rv)
-    ry, rmean, rinvstd, rrm, rrv = reference.forward(x, gamma, beta, axis, training, rm0, rv0)
-    assert y.shape == x.shape and y.dtype == x.dtype
-    assert_close(y, ry, tol, "y")
-    assert_close(stats.mean, rmean, tol, "mean")
-    assert_close(stats.invstd, rinvstd, tol, "invstd")
-    if training:
-        assert_close(rm, rrm, tol, "running_mean")
-        assert_close(rv, rrv, tol, "running_var")
-    else:
-        assert np.array_equal(rm, rm0) and np.array_equal(rv, rv0)
-
-    dx, dgamma, dbeta = fastbn.backward(dy, x, stats, gamma, axis=axis, training=training)
-    rdx, rdgamma, rdbeta = reference.backward(dy, x, stats.mean, stats.invstd, gamma, axis,
-                                              training)
-    assert dx.shape == x.shape and dx.dtype == x.dtype
-    assert_close(dx, rdx, tol, "dx")
-    assert_close(dgamma, rdgamma, tol, "dgamma")
-    assert_close(dbeta, rdbeta, tol, "dbeta")
+    check_forward_backward(x, dy, gamma, beta, axis=axis, training=training, running=(rm, rv))
 
 
 @SETTINGS
 @given(cases())
 def test_normalized_output_has_zero_mean_unit_variance(case):
     shape, axis, dtype, _, _, seed, scale, rel_offset = case
-    c = shape[axis]
-    m = int(np.prod(shape)) // c
-    assume(m > 1)
-    rng = np.random.default_rng(seed)
-    x = ((rng.standard_normal(shape) + rel_offset) * scale).astype(dtype)
+    _, c, x = _data(shape, axis, dtype, seed, scale, rel_offset)
     eps = 1e-5
     y, stats = fastbn.forward(x, axis=axis, eps=eps)
     rows = np.moveaxis(y.astype(np.float64), axis, -1).reshape(-1, c)
@@ -92,11 +72,7 @@ def test_normalized_output_has_zero_mean_unit_variance(case):
 def test_affine_is_applied_after_normalization(case):
     """y(gamma, beta) = gamma * y(1, 0) + beta, channel by channel."""
     shape, axis, dtype, training, _, seed, scale, rel_offset = case
-    c = shape[axis]
-    m = int(np.prod(shape)) // c
-    assume(not training or m > 1)
-    rng = np.random.default_rng(seed)
-    x = ((rng.standard_normal(shape) + rel_offset) * scale).astype(dtype)
+    rng, c, x = _data(shape, axis, dtype, seed, scale, rel_offset, training)
     gamma, beta = rng.uniform(-2, 2, c), rng.uniform(-2, 2, c)
     rm, rv = rng.uniform(-1, 1, c), rng.uniform(0.5, 2, c)
     kw = dict(axis=axis, training=training, running_mean=rm.copy(), running_var=rv.copy())
@@ -137,25 +113,9 @@ def test_random_strided_views(case):
     gamma, beta = rng.uniform(-2, 2, c), rng.uniform(-2, 2, c)
     rm, rv = rng.uniform(-1, 1, c), rng.uniform(0.5, 2, c)
     rm0, rv0 = rm.copy(), rv.copy()
-    tol = tol_for(dtype)
-    y, stats = fastbn.forward(x, gamma, beta, axis=axis, training=training, running_mean=rm,
-                              running_var=rv)
-    ry, rmean, rinvstd, rrm, rrv = reference.forward(x, gamma, beta, axis, training, rm0, rv0)
-    assert y.shape == x.shape and y.dtype == x.dtype
-    assert_close(y, ry, tol, "y")
-    assert_close(stats.mean, rmean, tol, "mean")
-    assert_close(stats.invstd, rinvstd, tol, "invstd")
-    if training:
-        assert_close(rm, rrm, tol, "running_mean")
-        assert_close(rv, rrv, tol, "running_var")
     dy = rng.standard_normal(x.shape).astype(dtype)
-    dx, dgamma, dbeta = fastbn.backward(dy, x, stats, gamma, axis=axis, training=training)
-    rdx, rdgamma, rdbeta = reference.backward(dy, x, stats.mean, stats.invstd, gamma, axis,
-                                              training)
-    assert dx.shape == x.shape
-    assert_close(dx, rdx, tol, "dx")
-    assert_close(dgamma, rdgamma, tol, "dgamma")
-    assert_close(dbeta, rdbeta, tol, "dbeta")
+    y, _, _ = check_forward_backward(x, dy, gamma, beta, axis=axis, training=training,
+                                     running=(rm, rv))
     # in place on the view itself
     y2, _ = fastbn.forward(x, gamma, beta, axis=axis, training=training,
                            running_mean=rm0.copy(), running_var=rv0.copy(), out=x)

@@ -3,19 +3,16 @@ import numpy as np
 import pytest
 
 import fastbn
-from fastbn.cases import LAYOUTS
 
 import reference
-from _util import assert_close, make_x, tol_for
-
-LAYOUT_IDS = [lay.name for lay in LAYOUTS]
+from _util import assert_close, each_layout, make_x, tol_for
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.1, 1.0])
 @pytest.mark.parametrize("dtype,rdtype", [(np.float64, np.float64), (np.float32, np.float32),
                                           (np.float64, np.float32), (np.float32, np.float64)],
                          ids=["x64-run64", "x32-run32", "x64-run32", "x32-run64"])
-@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+@each_layout
 def test_running_stats_over_steps(layout, dtype, rdtype, momentum, rng):
     shape, axis = layout.small, layout.axis
     c = shape[axis]

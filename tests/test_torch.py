@@ -7,7 +7,8 @@ F = torch.nn.functional
 
 import fastbn  # noqa: E402
 
-from _util import assert_close, make_affine, make_running, make_x  # noqa: E402
+from _util import (assert_close, each_mode, make_affine, make_running, make_x,  # noqa: E402
+                   plain_or_affine)
 
 CASES = [("NCHW", (4, 3, 7, 9), 1), ("NxD", (37, 11), 1), ("NHWC", (4, 6, 7, 5), -1),
          ("NCL", (5, 3, 29), 1)]
@@ -27,8 +28,8 @@ def _from_torch_layout(t, axis, ndim):
     return t.detach().numpy()
 
 
-@pytest.mark.parametrize("affine", [False, True], ids=["plain", "affine"])
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@plain_or_affine
+@each_mode
 @pytest.mark.parametrize("name,shape,axis", CASES, ids=[c[0] for c in CASES])
 def test_matches_torch(name, shape, axis, training, affine, rng):
     c = shape[axis]
