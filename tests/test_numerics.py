@@ -173,3 +173,32 @@ class TestDefaultBlockSizes:
         c = shape[axis]
         x = make_x(rng, shape, axis, np.float64, offset=1e8 + rng.uniform(-100, 100, c), scale=1.0)
         check_forward(x, axis=axis, running=False, mean_ulps=4)
+
+
+# ---------------------------------------------------------------- NaN and Inf
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@each_dtype
+@each_layout
+def test_non_finite_value_spoils_only_its_channel(layout, dtype, bad, rng):
+    """A NaN or Inf in channel 0 makes that channel's y and dx NaN; the other channels are exact."""
+    shape, axis = layout.small, layout.axis
+    c = shape[axis]
+    x, dy, gamma, beta, _, _ = make_case(rng, shape, axis, dtype)
+    clean = x.copy()
+    np.moveaxis(x, axis, 0)[0].flat[3] = bad
+    y, stats = fastbn.forward(x, gamma, beta, axis=axis)
+    dx, dgamma, dbeta = fastbn.backward(dy, x, stats, gamma, axis=axis)
+    assert np.isnan(np.moveaxis(y, axis, 0)[0]).all()
+    assert np.isnan(np.moveaxis(dx, axis, 0)[0]).all() and np.isnan(dgamma[0])
+    rest = [slice(None)] * x.ndim
+    rest[axis] = slice(1, None)
+    rest = tuple(rest)
+    ry, rmean, rinvstd, _, _ = reference.forward(clean[rest], gamma[1:], beta[1:], axis)
+    rdx, rdgamma, rdbeta = reference.backward(dy[rest], clean[rest], rmean, rinvstd, gamma[1:],
+                                              axis)
+    tol = tol_for(dtype)
+    assert_close(y[rest], ry, tol, "y")
+    assert_close(dx[rest], rdx, tol, "dx")
+    assert_close(dgamma[1:], rdgamma, tol, "dgamma")
+    assert_close(dbeta[1:], rdbeta, tol, "dbeta")
