@@ -185,7 +185,7 @@ def _planar_grad_map(dy, x, dx, mean, p, q, r, piece):
             dxr[i] = pc * gr[i] + qc * (xr[i] - m) + rc
 
 
-# -- channels-last ----------------------------------------------------------------------------
+# -- rows: channels-last, N×D, and planar runs too short to vectorize --------------------------
 
 
 @njit(parallel=True, **_jit)
