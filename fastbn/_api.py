@@ -230,12 +230,13 @@ def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=Non
     _check_out(out, x, x=x)
     if training and running_mean is not None:
         # Written in place after y: they must not share memory with what else is read or written.
-        others = {"running_var": running_var, "x": x, "out": out}
-        for name, a in others.items():
-            if a is not None and _overlaps(running_mean, a):
-                raise ValueError(f"running_mean shares memory with {name}")
-            if name != "running_var" and a is not None and _overlaps(running_var, a):
-                raise ValueError(f"running_var shares memory with {name}")
+        pairs = [("running_mean", running_mean, "running_var", running_var)]
+        pairs += [(name, stat, other, a) for name, stat in (("running_mean", running_mean),
+                                                             ("running_var", running_var))
+                  for other, a in (("x", x), ("out", out)) if a is not None]
+        for name, stat, other, a in pairs:
+            if _overlaps(stat, a):
+                raise ValueError(f"{name} shares memory with {other}")
 
     view = ChannelView(x, axis)
     x3 = view.of(x)
