@@ -240,25 +240,25 @@ def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=Non
 
     view = ChannelView(x, axis)
     x3 = view.of(x)
-    if training:
-        # Statistics of x − s, s one value of each channel: a large offset never enters a sum.
-        shift = x3[0, :, 0].astype(np.float64)
-        delta, m2 = cpu.moments(x3, shift) if channels else (shift, shift)
-        var = m2 / count
-        mean = shift + delta
-    else:
-        mean = shift = running_mean.astype(np.float64)
-        delta = np.zeros(channels)
-        var = running_var.astype(np.float64)
-    invstd = 1.0 / np.sqrt(var + eps)
-    scale = invstd if gamma is None else gamma * invstd
-    # Centred about s, which lies within the data: a·(x − μ) + β = a·(x − s) + (β − a·δ). The
-    # folded a·x + (β − a·μ) would lose digits when |μ| ≫ σ.
-    bias = -scale * delta if beta is None else beta - scale * delta
-
     y, y3, pending = view.output(out, x.dtype)
-    if x3.size:
-        cpu.affine(x3, y3, shift, scale, bias)
+    gamma = np.ones(channels) if gamma is None else gamma
+    beta = np.zeros(channels) if beta is None else beta
+    if training and x3.size:
+        # Statistics of x − s, s one value of each channel: a large offset never enters a sum.
+        # The map is centred about s too, which lies within the data:
+        # a·(x − μ) + β = a·(x − s) + (β − a·δ); the folded a·x + (β − a·μ) would lose digits
+        # when |μ| ≫ σ.
+        shift = x3[0, :, 0].astype(np.float64)
+        delta, m2, invstd = cpu.normalize(x3, y3, shift, gamma, beta, eps)
+        mean, var = shift + delta, m2 / count
+    elif training:  # no channels
+        mean = var = invstd = np.zeros(0)
+    else:
+        mean = running_mean.astype(np.float64)
+        var = running_var.astype(np.float64)
+        invstd = 1.0 / np.sqrt(var + eps)
+        if x3.size:
+            cpu.affine(x3, y3, mean, gamma * invstd, beta)
     if pending is not None:
         y[...] = pending
     if training and running_mean is not None:
@@ -324,22 +324,12 @@ def backward(dy, x, stats, gamma=None, *, axis=1, training=True, out=None, devic
     view = ChannelView(x, axis)
     x3 = view.of(x)
     dy3 = view.of(dy)
-    channels = x3.shape[1]
-    count = x3.shape[0] * x3.shape[2]
+    dx, dx3, pending = view.output(out, x.dtype)
     if x3.size:
-        sum_dy, sum_dy_xmu = cpu.grad_sums(dy3, x3, mean)
+        gamma = np.ones(channels) if gamma is None else gamma
+        sum_dy, sum_dy_xmu = cpu.normalize_backward(dy3, x3, dx3, mean, invstd, gamma, training)
     else:
         sum_dy = sum_dy_xmu = np.zeros(channels)
-    p = invstd if gamma is None else gamma * invstd
-
-    dx, dx3, pending = view.output(out, x.dtype)
-    if x3.size and training:
-        q = -p * invstd * invstd * sum_dy_xmu / count
-        r = -p * sum_dy / count
-        cpu.grad_map(dy3, x3, dx3, mean, p, q, r)
-    elif x3.size:
-        zeros = np.zeros(channels)
-        cpu.affine(dy3, dx3, zeros, p, zeros)
     if pending is not None:
         dx[...] = pending
     return dx, (sum_dy_xmu * invstd).astype(grad_dtype), sum_dy.astype(grad_dtype)

@@ -34,11 +34,14 @@ from numba import njit, prange
 
 CHUNK = 8192  # planar: elements of one channel reduced exactly (two passes, in L1/L2); maps:
 #               the longest run one work item writes, so that N = 1 still gives every core work
-TILE = 8192  # channels-last: elements of a (rows x columns) tile reduced exactly in cache
-SEGMENT = 1 << 18  # channels-last: elements per parallel work item (bounds the partials buffer)
-COLUMN_BLOCK = 1024  # channels-last: columns per work item, so wide rows still give many items
-MIN_WORK_ITEMS = 16  # channels-last: parallel work items a tensor is cut into at the least
-FOLD_WIDTH = 64  # channels-last: rows narrower than this are read several at a time (_row_parts)
+FUSED_SLAB = 1 << 19  # planar: a channel's slab of at most this many bytes is reduced and then
+#                       mapped while it sits in L2, so x is read from memory once, not twice
+TILE_ROWS = 32  # rows: rows reduced in one pass about the tile's first row (see _rows_moments)
+SEGMENT = 1 << 18  # rows: elements per parallel work item (bounds the partials buffer)
+COLUMN_BLOCK = 512  # rows: columns per work item, so that wide rows still give many items and
+#                     a block's float64 accumulators stay in L1
+MIN_WORK_ITEMS = 16  # work items a tensor is cut into at the least, so that every core has work
+FOLD_WIDTH = 64  # rows: rows narrower than this are read several at a time (_row_parts)
 PARALLEL_MIN = 1 << 16  # smaller tensors run on the calling thread: waking others costs more
 PLANAR_RUN = 32  # planar kernels need runs this long to pay; shorter ones are read as rows
 
@@ -49,6 +52,54 @@ _SUM_MATH = {"reassoc", "contract", "nsz"}
 # The maps may fuse a·t + b into one rounding, nothing more.
 _MAP_MATH = {"contract"}
 _jit = dict(cache=True, nogil=True)
+
+
+# -- per-channel scalars: merging, and the coefficients of the maps ---------------------------
+
+
+@njit(**_jit)
+def _chan(n, mean, m2, n_b, mean_b, m2_b):
+    """Chan et al.'s update: the moments of two disjoint pieces, from each piece's."""
+    total = n + n_b
+    delta = mean_b - mean
+    return total, mean + delta * (n_b / total), m2 + m2_b + delta * delta * (n * n_b / total)
+
+
+@njit(**_jit)
+def _merge(counts, means, m2s):
+    """Merge per-piece moments ``(pieces, C)`` over pieces ``0, 1, ...``, for every channel."""
+    pieces, channels = means.shape
+    mean = means[0].copy()
+    m2 = m2s[0].copy()
+    for c in range(channels):
+        n = counts[0]
+        for j in range(1, pieces):
+            n, mean[c], m2[c] = _chan(n, mean[c], m2[c], counts[j], means[j, c], m2s[j, c])
+    return mean, m2
+
+
+@njit(**_jit)
+def _add_partials(sums):
+    """Sums ``(kinds, pieces, C)`` added over pieces ``0, 1, ...``: ``(kinds, C)``."""
+    total = sums[:, 0, :].copy()
+    for j in range(1, sums.shape[1]):
+        total += sums[:, j, :]
+    return total
+
+
+@njit(**_jit)
+def _forward_coefficients(m2, count, gamma, beta, delta, eps):
+    """``(invstd, a, b)`` of training forward's map ``y = a·(x − s) + b``, δ = μ − s."""
+    invstd = 1.0 / np.sqrt(m2 / count + eps)
+    a = gamma * invstd
+    return invstd, a, beta - a * delta
+
+
+@njit(**_jit)
+def _backward_coefficients(sum_dy, sum_dy_xmu, count, gamma, invstd):
+    """``(p, q, r)`` of training backward's map ``dx = p·dy + q·(x − μ) + r``."""
+    p = gamma * invstd
+    return p, -p * invstd * invstd * sum_dy_xmu / count, -p * sum_dy / count
 
 
 # -- planar -----------------------------------------------------------------------------------
@@ -84,6 +135,18 @@ def _sums_for_gradient(dy_run, x_run, mean):
     return s, sx
 
 
+@njit(fastmath=_MAP_MATH, **_jit)
+def _map_run(x_run, y_run, s, a, b):
+    for i in range(x_run.size):
+        y_run[i] = a * (x_run[i] - s) + b
+
+
+@njit(fastmath=_MAP_MATH, **_jit)
+def _grad_map_run(dy_run, x_run, dx_run, mean, p, q, r):
+    for i in range(x_run.size):
+        dx_run[i] = p * dy_run[i] + q * (x_run[i] - mean) + r
+
+
 @njit(**_jit)
 def _planar_chunk(j, outer, inner, rows, pieces):
     """Rows ``[r0, r1)`` and columns ``[i0, i1)`` of planar chunk ``j``."""
@@ -91,6 +154,38 @@ def _planar_chunk(j, outer, inner, rows, pieces):
     r0 = (j // pieces) * rows
     i0 = (j % pieces) * piece
     return r0, min(r0 + rows, outer), i0, min(i0 + piece, inner)
+
+
+@njit(**_jit)
+def _chunk_moments(x, c, shift, r0, r1, i0, i1):
+    """``(n, mean − shift, M2)`` of channel ``c``'s chunk, exactly: two passes while in cache."""
+    n = (r1 - r0) * (i1 - i0)
+    s = 0.0
+    for r in range(r0, r1):
+        s += _sum_minus(x[r, c, i0:i1], shift)
+    # Second pass about the chunk's own mean, corrected (Chan, Golub & LeVeque): exact even when
+    # the first pass's mean is off, and a constant chunk gives M2 = 0 exactly.
+    centre = shift + s / n
+    sd = 0.0
+    sdd = 0.0
+    for r in range(r0, r1):
+        a, b = _sums_of_deviations(x[r, c, i0:i1], centre)
+        sd += a
+        sdd += b
+    m2 = sdd - sd * sd / n
+    return np.float64(n), (centre - shift) + sd / n, 0.0 if m2 < 0.0 else m2  # NaN passes
+
+
+@njit(**_jit)
+def _channel_moments(x, c, shift, rows, pieces):
+    """``(n, mean − shift, M2)`` of channel ``c``, its chunks merged in order."""
+    outer, _, inner = x.shape
+    chunks = (outer + rows - 1) // rows * pieces
+    n, mean, m2 = _chunk_moments(x, c, shift, *_planar_chunk(0, outer, inner, rows, pieces))
+    for j in range(1, chunks):
+        piece = _chunk_moments(x, c, shift, *_planar_chunk(j, outer, inner, rows, pieces))
+        n, mean, m2 = _chan(n, mean, m2, *piece)
+    return n, mean, m2
 
 
 @njit(parallel=True, **_jit)
@@ -103,27 +198,40 @@ def _planar_moments(x, shift, rows, pieces):
     for w in prange(channels * chunks):
         c = w // chunks
         j = w % chunks
-        r0, r1, i0, i1 = _planar_chunk(j, outer, inner, rows, pieces)
-        n = (r1 - r0) * (i1 - i0)
-        s = 0.0
-        for r in range(r0, r1):
-            s += _sum_minus(x[r, c, i0:i1], shift[c])
-        # Second pass about the chunk's own mean, corrected (Chan, Golub & LeVeque): exact even
-        # when the first pass's mean is off, and a constant chunk gives M2 = 0 exactly.
-        centre = shift[c] + s / n
-        sd = 0.0
-        sdd = 0.0
-        for r in range(r0, r1):
-            a, b = _sums_of_deviations(x[r, c, i0:i1], centre)
-            sd += a
-            sdd += b
-        means[j, c] = (centre - shift[c]) + sd / n
-        m2 = sdd - sd * sd / n
-        m2s[j, c] = 0.0 if m2 < 0.0 else m2  # rounding only; NaN passes through
-    for j in range(chunks):
-        r0, r1, i0, i1 = _planar_chunk(j, outer, inner, rows, pieces)
-        counts[j] = (r1 - r0) * (i1 - i0)
+        n, means[j, c], m2s[j, c] = _chunk_moments(
+            x, c, shift[c], *_planar_chunk(j, outer, inner, rows, pieces))
+        if c == 0:
+            counts[j] = n
     return _merge(counts, means, m2s)
+
+
+@njit(parallel=True, **_jit)
+def _planar_normalize(x, y, shift, gamma, beta, eps, rows, pieces):
+    """Training forward, a channel per work item: its slab is reduced, then mapped from cache.
+
+    The chunks and their merge order are those of ``_planar_moments``, so the bits are too.
+    """
+    outer, channels, inner = x.shape
+    delta = np.empty(channels)
+    m2 = np.empty(channels)
+    invstd = np.empty(channels)
+    for c in prange(channels):
+        n, delta[c], m2[c] = _channel_moments(x, c, shift[c], rows, pieces)
+        invstd[c], a, b = _forward_coefficients(m2[c], n, gamma[c], beta[c], delta[c], eps)
+        for o in range(outer):
+            _map_run(x[o, c], y[o, c], shift[c], a, b)
+    return delta, m2, invstd
+
+
+@njit(**_jit)
+def _chunk_grad_sums(dy, x, c, mean, r0, r1, i0, i1):
+    s = 0.0
+    sx = 0.0
+    for r in range(r0, r1):
+        a, b = _sums_for_gradient(dy[r, c, i0:i1], x[r, c, i0:i1], mean)
+        s += a
+        sx += b
+    return s, sx
 
 
 @njit(parallel=True, **_jit)
@@ -134,16 +242,33 @@ def _planar_grad_sums(dy, x, mean, rows, pieces):
     for w in prange(channels * chunks):
         c = w // chunks
         j = w % chunks
-        r0, r1, i0, i1 = _planar_chunk(j, outer, inner, rows, pieces)
-        s = 0.0
-        sx = 0.0
-        for r in range(r0, r1):
-            a, b = _sums_for_gradient(dy[r, c, i0:i1], x[r, c, i0:i1], mean[c])
+        sums[0, j, c], sums[1, j, c] = _chunk_grad_sums(
+            dy, x, c, mean[c], *_planar_chunk(j, outer, inner, rows, pieces))
+    return _add_partials(sums)
+
+
+@njit(parallel=True, **_jit)
+def _planar_backward(dy, x, dx, mean, invstd, gamma, rows, pieces):
+    """Training backward, a channel per work item: sums over its slab, then the map from cache.
+
+    The chunks and the order they are added in are those of ``_planar_grad_sums``.
+    """
+    outer, channels, inner = x.shape
+    chunks = (outer + rows - 1) // rows * pieces
+    sums = np.empty((2, channels))
+    for c in prange(channels):
+        s, sx = _chunk_grad_sums(dy, x, c, mean[c], *_planar_chunk(0, outer, inner, rows, pieces))
+        for j in range(1, chunks):
+            a, b = _chunk_grad_sums(dy, x, c, mean[c],
+                                    *_planar_chunk(j, outer, inner, rows, pieces))
             s += a
             sx += b
-        sums[0, j, c] = s
-        sums[1, j, c] = sx
-    return _add_partials(sums)
+        sums[0, c] = s
+        sums[1, c] = sx
+        p, q, r = _backward_coefficients(s, sx, outer * inner, gamma[c], invstd[c])
+        for o in range(outer):
+            _grad_map_run(dy[o, c], x[o, c], dx[o, c], mean[c], p, q, r)
+    return sums
 
 
 @njit(**_jit)
@@ -154,35 +279,24 @@ def _piece(w, length, piece):
     return w // pieces, i0, min(i0 + piece, length)
 
 
-@njit(parallel=True, fastmath=_MAP_MATH, **_jit)
+@njit(parallel=True, **_jit)
 def _planar_affine(x, y, shift, scale, bias, piece):
     outer, channels, inner = x.shape
     for w in prange(outer * channels * ((inner + piece - 1) // piece)):
         run, i0, i1 = _piece(w, inner, piece)
         o = run // channels
         c = run % channels
-        s, a, b = shift[c], scale[c], bias[c]
-        # Slices, so that indices start at 0: Numba then knows they are not negative (no
-        # wraparound check), which the loop needs to vectorize.
-        xr = x[o, c, i0:i1]
-        yr = y[o, c, i0:i1]
-        for i in range(i1 - i0):
-            yr[i] = a * (xr[i] - s) + b
+        _map_run(x[o, c, i0:i1], y[o, c, i0:i1], shift[c], scale[c], bias[c])
 
 
-@njit(parallel=True, fastmath=_MAP_MATH, **_jit)
+@njit(parallel=True, **_jit)
 def _planar_grad_map(dy, x, dx, mean, p, q, r, piece):
     outer, channels, inner = x.shape
     for w in prange(outer * channels * ((inner + piece - 1) // piece)):
         run, i0, i1 = _piece(w, inner, piece)
         o = run // channels
         c = run % channels
-        m, pc, qc, rc = mean[c], p[c], q[c], r[c]
-        gr = dy[o, c, i0:i1]
-        xr = x[o, c, i0:i1]
-        dxr = dx[o, c, i0:i1]
-        for i in range(i1 - i0):
-            dxr[i] = pc * gr[i] + qc * (xr[i] - m) + rc
+        _grad_map_run(dy[o, c, i0:i1], x[o, c, i0:i1], dx[o, c, i0:i1], mean[c], p[c], q[c], r[c])
 
 
 # -- rows: channels-last, N×D, and planar runs too short to vectorize --------------------------
@@ -206,27 +320,24 @@ def _rows_moments(x, shift, segment_rows, tile_rows, column_block):
         s = shift[c0:c1]
         mean = means[g, c0:c1]
         m2 = m2s[g, c0:c1]
-        centre = np.empty(width)
         sd = np.empty(width)
         sdd = np.empty(width)
         n = 0.0
         for t0 in range(r0, r1, tile_rows):
             t1 = min(t0 + tile_rows, r1)
             nt = np.float64(t1 - t0)
-            # Exact statistics of the tile (two passes, in cache), as in the planar case.
-            centre[:] = 0.0
-            for r in range(t0, t1):
-                xr = x[r, c0:c1]
-                for k in range(width):
-                    centre[k] += xr[k] - s[k]
-            for k in range(width):
-                centre[k] = s[k] + centre[k] / nt
+            # One pass over the tile about its own first row. The deviations are from a value of
+            # the same column and tile, so the cancellation in Σd² − (Σd)²/n is bounded by the
+            # tile's own spread: the error of M2 is at most ~tile_rows²·ε relative to the tile's
+            # M2, whatever the data (Samuelson's inequality bounds any value's distance from the
+            # mean). For float32 x, d and d² are exact in float64.
+            first = x[t0, c0:c1]
             sd[:] = 0.0
             sdd[:] = 0.0
-            for r in range(t0, t1):
+            for r in range(t0 + 1, t1):
                 xr = x[r, c0:c1]
                 for k in range(width):
-                    d = xr[k] - centre[k]
+                    d = np.float64(xr[k]) - np.float64(first[k])
                     sd[k] += d
                     sdd[k] += d * d
             # Chan merge of the tile into the segment's running moments.
@@ -234,7 +345,7 @@ def _rows_moments(x, shift, segment_rows, tile_rows, column_block):
             w_tile = nt / total
             w_cross = n * nt / total
             for k in range(width):
-                tile_mean = (centre[k] - s[k]) + sd[k] / nt
+                tile_mean = (first[k] - s[k]) + sd[k] / nt
                 tile_m2 = sdd[k] - sd[k] * sd[k] / nt
                 if tile_m2 < 0.0:
                     tile_m2 = 0.0
@@ -295,44 +406,6 @@ def _rows_grad_map(dy, x, dx, mean, p, q, r, piece):
             dxr[c] = pc[c] * gr[c] + qc[c] * (xr[c] - m[c]) + rc[c]
 
 
-# -- merging partial results, in chunk order --------------------------------------------------
-
-
-@njit(parallel=True, **_jit)
-def _merge(counts, means, m2s):
-    """Chan et al.'s pairwise update over chunks ``0, 1, ...`` for every channel."""
-    chunks, channels = means.shape
-    mean = np.empty(channels)
-    m2 = np.empty(channels)
-    for c in prange(channels):
-        n = counts[0]
-        mc = means[0, c]
-        m2c = m2s[0, c]
-        for j in range(1, chunks):
-            nj = counts[j]
-            total = n + nj
-            delta = means[j, c] - mc
-            mc += delta * (nj / total)
-            m2c += m2s[j, c] + delta * delta * (n * nj / total)
-            n = total
-        mean[c] = mc
-        m2[c] = m2c
-    return mean, m2
-
-
-@njit(parallel=True, **_jit)
-def _add_partials(sums):
-    kinds, chunks, channels = sums.shape
-    total = np.zeros((kinds, channels))
-    for c in prange(channels):
-        for k in range(kinds):
-            t = 0.0
-            for j in range(chunks):
-                t += sums[k, j, c]
-            total[k, c] = t
-    return total[0], total[1]
-
-
 # -- the steps, as the API calls them ---------------------------------------------------------
 
 
@@ -343,6 +416,12 @@ def _planar_plan(outer, inner):
     return max(1, CHUNK // inner), 1
 
 
+def _fused(x3):
+    """Whether a planar op can take a channel per work item, its slab staying in cache."""
+    outer, channels, inner = x3.shape
+    return channels >= MIN_WORK_ITEMS and outer * inner * x3.itemsize <= FUSED_SLAB
+
+
 def _rows_plan(rows, width):
     """(segment_rows, tile_rows, column_block) for ``rows`` rows of ``width`` values.
 
@@ -351,10 +430,9 @@ def _rows_plan(rows, width):
     gives every core work. Shape alone, never the thread count, decides the plan.
     """
     block = min(width, COLUMN_BLOCK)
-    tile_rows = max(1, TILE // block)
     segments = -(-MIN_WORK_ITEMS // -(-width // block))
-    tiles = max(1, min(SEGMENT // block // tile_rows, -(-rows // (segments * tile_rows))))
-    return tiles * tile_rows, tile_rows, block
+    tiles = max(1, min(SEGMENT // block // TILE_ROWS, -(-rows // (segments * TILE_ROWS))))
+    return tiles * TILE_ROWS, TILE_ROWS, block
 
 
 def _row_parts(a3):
@@ -409,12 +487,8 @@ def _serial_when_small(step):
     return run
 
 
-@_serial_when_small
-def moments(x3, shift):
-    """Per-channel mean of ``x − shift`` and sum of squared deviations ``M2``, both float64.
-
-    ``x3`` is a non-empty C-contiguous ``(outer, C, inner)`` array.
-    """
+def _moments(x3, shift):
+    """Per-channel mean of ``x − shift`` and sum of squared deviations ``M2``, both float64."""
     outer, channels, inner = x3.shape
     if inner >= PLANAR_RUN:
         return _planar_moments(x3, shift, *_planar_plan(outer, inner))
@@ -427,8 +501,7 @@ def moments(x3, shift):
     return _merge(np.array(counts, np.float64), np.concatenate(means), np.concatenate(m2s))
 
 
-@_serial_when_small
-def grad_sums(dy3, x3, mean):
+def _grad_sums(dy3, x3, mean):
     """Per-channel ``Σdy`` and ``Σdy·(x − mean)`` in float64, in one pass over dy and x."""
     outer, channels, inner = x3.shape
     if inner >= PLANAR_RUN:
@@ -438,7 +511,44 @@ def grad_sums(dy3, x3, mean):
         segment_rows, _, block = _rows_plan(*x.shape)
         parts = _rows_grad_sums(dy, x, _per_column(mean, inner, fold), segment_rows, block)
         sums += np.reshape(parts, (2, fold, channels, inner)).sum(axis=(1, 3))
-    return sums[0], sums[1]
+    return sums
+
+
+@_serial_when_small
+def normalize(x3, y3, shift, gamma, beta, eps):
+    """Training forward: ``y = γ·(x − μ)/sqrt(σ² + eps) + β`` with the batch's ``μ``, ``σ²``.
+
+    ``x3`` is a non-empty C-contiguous ``(outer, C, inner)`` array, ``shift`` one value of each
+    channel, ``gamma`` and ``beta`` float64 of shape (C,). Returns the float64 per-channel
+    ``(μ − shift, M2, invstd)``.
+    """
+    outer, channels, inner = x3.shape
+    if inner >= PLANAR_RUN and _fused(x3):
+        return _planar_normalize(x3, y3, shift, gamma, beta, eps, *_planar_plan(outer, inner))
+    delta, m2 = _moments(x3, shift)
+    invstd, scale, bias = _forward_coefficients(m2, outer * inner, gamma, beta, delta, eps)
+    affine(x3, y3, shift, scale, bias)
+    return delta, m2, invstd
+
+
+@_serial_when_small
+def normalize_backward(dy3, x3, dx3, mean, invstd, gamma, training):
+    """``dx`` of batch norm into ``dx3``; returns the float64 per-channel ``(Σdy, Σdy·(x − μ))``.
+
+    ``training`` says whether the statistics were the batch's, so that the gradient flows through
+    them: ``dx = p·dy + q·(x − μ) + r``; otherwise ``dx = p·dy``, with ``p = γ·invstd``.
+    """
+    outer, channels, inner = x3.shape
+    if training and inner >= PLANAR_RUN and _fused(x3):
+        return _planar_backward(dy3, x3, dx3, mean, invstd, gamma, *_planar_plan(outer, inner))
+    sum_dy, sum_dy_xmu = _grad_sums(dy3, x3, mean)
+    p, q, r = _backward_coefficients(sum_dy, sum_dy_xmu, outer * inner, gamma, invstd)
+    if training:
+        grad_map(dy3, x3, dx3, mean, p, q, r)
+    else:
+        zeros = np.zeros(channels)
+        affine(dy3, dx3, zeros, p, zeros)
+    return sum_dy, sum_dy_xmu
 
 
 @_serial_when_small
@@ -452,7 +562,6 @@ def affine(x3, y3, shift, scale, bias):
         _rows_affine(x, y, *(_per_column(a, inner, fold) for a in (shift, scale, bias)), CHUNK)
 
 
-@_serial_when_small
 def grad_map(dy3, x3, dx3, mean, p, q, r):
     """``dx = p·dy + q·(x − mean) + r`` per channel, written into ``dx3``."""
     inner = x3.shape[2]

@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # multi-segment / multi-column-block merge path of the CPU kernels.
 # PARALLEL_MIN = 0 sends even these small shapes through the thread pool (the default runs them
 # on the calling thread); test_determinism checks that both give the same bits.
-SMALL_BLOCKS = {"CHUNK": 16, "TILE": 12, "SEGMENT": 40, "COLUMN_BLOCK": 3, "PARALLEL_MIN": 0}
+SMALL_BLOCKS = {"CHUNK": 16, "TILE_ROWS": 3, "SEGMENT": 40, "COLUMN_BLOCK": 3, "PARALLEL_MIN": 0}
 
 
 def pytest_configure(config):

@@ -36,8 +36,9 @@ import numpy as np
 import numba
 import fastbn, fastbn.cpu
 
-CASES = [((8, 3, 64, 64), 1), ((64, 40, 40, 3), -1), ((300, 1100), 1), ((2, 5, 30000), 1)]
-SMALL = {"CHUNK": 16, "TILE": 12, "SEGMENT": 40, "COLUMN_BLOCK": 3}
+CASES = [((8, 3, 64, 64), 1), ((64, 40, 40, 3), -1), ((300, 1100), 1), ((2, 5, 30000), 1),
+         ((6, 24, 50), 1)]
+SMALL = {"CHUNK": 16, "TILE_ROWS": 3, "SEGMENT": 40, "COLUMN_BLOCK": 3}
 DEFAULTS = {k: getattr(fastbn.cpu, k) for k in SMALL}
 
 print("threads", numba.get_num_threads())
@@ -80,7 +81,7 @@ def _hashes(threads):
 
 def test_bitwise_identical_across_thread_counts():
     one = _hashes(1)
-    assert len(one) == 2 * 4 * 2
+    assert len(one) == 2 * 5 * 2
     for threads in (2, 3):
         other = _hashes(threads)
         diff = [(a, b) for a, b in zip(one, other) if a != b]

@@ -154,8 +154,8 @@ class TestDefaultBlockSizes:
 
     def test_defaults(self):
         import fastbn.cpu
-        assert fastbn.cpu.CHUNK == 8192 and fastbn.cpu.TILE == 8192
-        assert fastbn.cpu.SEGMENT == 1 << 18 and fastbn.cpu.COLUMN_BLOCK == 1024
+        assert fastbn.cpu.CHUNK == 8192 and fastbn.cpu.TILE_ROWS == 32
+        assert fastbn.cpu.SEGMENT == 1 << 18 and fastbn.cpu.COLUMN_BLOCK == 512
 
     @each_dtype
     @pytest.mark.parametrize("name,shape,axis", DEFAULT_CASES, ids=[c[0] for c in DEFAULT_CASES])
