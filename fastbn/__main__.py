@@ -1,4 +1,5 @@
-"""``python -m fastbn``: compile the kernels, check them, and time them against NumPy and memcpy."""
+"""``python -m fastbn``: compile the kernels, check them, and time them against memcpy, NumPy and
+PyTorch (where installed)."""
 import argparse
 import os
 import platform
@@ -32,24 +33,37 @@ def _inputs(shape, axis, dtype, rng):
     return x, dy, gamma, beta
 
 
+def _torch_batch_norm(x, dy, gamma, beta, axis):
+    """PyTorch's ops on the same arrays, or None where torch is not installed."""
+    try:
+        from fastbn._torch import TorchBatchNorm
+    except ImportError:
+        return None
+    return TorchBatchNorm(x, dy, gamma, beta, axis)
+
+
 def _ops(x, dy, gamma, beta, axis, out):
-    """(name, bytes moved at the least, fastbn call, NumPy call) for each timed operation."""
+    """(name, bytes moved at the least, fastbn call, NumPy call, PyTorch call or None) per op."""
     channels = x.shape[axis]
     running_mean = np.zeros(channels, x.dtype)
     running_var = np.ones(channels, x.dtype)
     _, stats = fastbn.forward(x, gamma, beta, axis=axis)
     _, mean, invstd = _naive.forward(x, gamma, beta, axis, True)
     eval_kw = dict(axis=axis, training=False, running_mean=running_mean, running_var=running_var)
+    torch_bn = _torch_batch_norm(x, dy, gamma, beta, axis)
     return [
         ("train fwd", 2 * x.nbytes,
          lambda: fastbn.forward(x, gamma, beta, axis=axis, out=out),
-         lambda: _naive.forward(x, gamma, beta, axis, True)),
+         lambda: _naive.forward(x, gamma, beta, axis, True),
+         torch_bn and torch_bn.train_forward),
         ("eval fwd", 2 * x.nbytes,
          lambda: fastbn.forward(x, gamma, beta, out=out, **eval_kw),
-         lambda: _naive.forward(x, gamma, beta, axis, False, running_mean, running_var)),
+         lambda: _naive.forward(x, gamma, beta, axis, False, running_mean, running_var),
+         torch_bn and torch_bn.eval_forward),
         ("train bwd", 3 * x.nbytes,
          lambda: fastbn.backward(dy, x, stats, gamma, axis=axis, out=out),
-         lambda: _naive.backward(dy, x, mean, invstd, gamma, axis, True)),
+         lambda: _naive.backward(dy, x, mean, invstd, gamma, axis, True),
+         torch_bn and torch_bn.train_backward),
     ]
 
 
@@ -114,20 +128,27 @@ def main(argv=None):
               f"float64: max relative error {error:.1e}  {verdict}", flush=True)
         out = np.empty_like(x)
         memcpy = _best_time(lambda: np.copyto(out, x), args.repeat)
-        for name, nbytes, ours, numpy_version in _ops(x, dy, gamma, beta, layout.axis, out):
+        for name, nbytes, ours, numpy_version, torch_version in _ops(x, dy, gamma, beta,
+                                                                     layout.axis, out):
             t_ours = _best_time(ours, args.repeat)
             t_numpy = _best_time(numpy_version, max(1, args.repeat // 2))
-            rows.append((layout.name, "x".join(map(str, x.shape)), name, t_ours, t_numpy, memcpy,
-                         nbytes))
+            t_torch = torch_version and _best_time(torch_version, args.repeat)
+            rows.append((layout.name, "x".join(map(str, x.shape)), name, t_ours, memcpy, nbytes,
+                         t_numpy, t_torch))
 
-    print(f"\nTimes in ms (best of {args.repeat}), {dtype}; memcpy = np.copyto of the same tensor; "
-          f"GB/s counts the bytes each op must move at the least (x and y; x, dy and dx).")
-    header = ("layout", "shape", "op", "fastbn", "NumPy", "speed-up", "x memcpy", "GB/s")
+    print(f"\nTimes in ms (best of {args.repeat}), {dtype}. x memcpy: time over that of np.copyto "
+          f"of the same tensor (1 thread). GB/s: the bytes each op must move at the least (x and "
+          f"y; x, dy and dx) over the time. Speed-up: the other's time over fastbn's.")
+    header = ("layout", "shape", "op", "fastbn ms", "x memcpy", "GB/s", "NumPy ms",
+              "speed-up vs NumPy", "PyTorch ms", "PyTorch x memcpy", "speed-up vs PyTorch")
     print("| " + " | ".join(header) + " |")
-    print("|" + "|".join(["---"] * 3 + ["---:"] * 5) + "|")
-    for name, shape, op, t_ours, t_numpy, memcpy, nbytes in rows:
-        print(f"| {name} | {shape} | {op} | {t_ours * 1e3:.2f} | {t_numpy * 1e3:.1f} | "
-              f"{t_numpy / t_ours:.1f}x | {t_ours / memcpy:.2f} | {nbytes / t_ours / 1e9:.1f} |")
+    print("|" + "|".join(["---"] * 3 + ["---:"] * 8) + "|")
+    for name, shape, op, t_ours, memcpy, nbytes, t_numpy, t_torch in rows:
+        torch_cells = (f"{t_torch * 1e3:.2f} | {t_torch / memcpy:.2f} | {t_torch / t_ours:.1f}x"
+                       if t_torch else "not installed | – | –")
+        print(f"| {name} | {shape} | {op} | {t_ours * 1e3:.2f} | {t_ours / memcpy:.2f} | "
+              f"{nbytes / t_ours / 1e9:.1f} | {t_numpy * 1e3:.1f} | {t_numpy / t_ours:.1f}x | "
+              f"{torch_cells} |")
     if failures:
         print(f"\nFAILED: fastbn disagrees with NumPy on {', '.join(failures)}", file=sys.stderr)
         return 1

@@ -14,13 +14,13 @@ class ChannelView:
     """How arrays of one shape, memory order and channel axis map onto ``(outer, C, inner)``."""
 
     def __init__(self, x, axis):
-        perm = tuple(range(x.ndim))
+        perm = identity = tuple(range(x.ndim))
         if not x.flags.c_contiguous:
             by_stride = tuple(sorted(perm, key=lambda a: -x.strides[a]))
             if x.transpose(by_stride).flags.c_contiguous:
                 perm = by_stride
         self.perm = perm
-        self.inverse = tuple(int(a) for a in np.argsort(perm))
+        self.inverse = perm if perm == identity else tuple(int(a) for a in np.argsort(perm))
         self.memory_shape = tuple(x.shape[a] for a in perm)
         k = perm.index(axis)
         self.shape = (math.prod(self.memory_shape[:k]), x.shape[axis],

@@ -332,8 +332,9 @@ def _rows_moments(x, shift, segment_rows, tile_rows, column_block):
             # M2, whatever the data (Samuelson's inequality bounds any value's distance from the
             # mean). For float32 x, d and d² are exact in float64.
             first = x[t0, c0:c1]
-            sd[:] = 0.0
-            sdd[:] = 0.0
+            for k in range(width):  # not sd[:] = 0: that is one more parallel loop to compile
+                sd[k] = 0.0
+                sdd[k] = 0.0
             for r in range(t0 + 1, t1):
                 xr = x[r, c0:c1]
                 for k in range(width):
@@ -366,13 +367,16 @@ def _rows_grad_sums(dy, x, mean, segment_rows, column_block):
     rows, channels = x.shape
     segments = (rows + segment_rows - 1) // segment_rows
     blocks = (channels + column_block - 1) // column_block
-    sums = np.zeros((2, segments, channels))
+    sums = np.empty((2, segments, channels))
     for w in prange(segments * blocks):
         g = w // blocks
         c0 = (w % blocks) * column_block
         c1 = min(c0 + column_block, channels)
         s = sums[0, g, c0:c1]
         sx = sums[1, g, c0:c1]
+        for k in range(c1 - c0):  # not np.zeros: in a parallel function that is one more
+            s[k] = 0.0            # parallel loop to compile
+            sx[k] = 0.0
         m = mean[c0:c1]
         for r in range(g * segment_rows, min((g + 1) * segment_rows, rows)):
             gr = dy[r, c0:c1]
@@ -445,9 +449,11 @@ def _row_parts(a3):
     """
     outer, channels, inner = a3.shape
     width = channels * inner
-    fold = min(outer, max(1, FOLD_WIDTH // width))
-    whole = outer - outer % fold
     rows = a3.reshape(outer, width)
+    fold = min(outer, max(1, FOLD_WIDTH // width))
+    if fold == 1:
+        return [(rows, 1)]
+    whole = outer - outer % fold
     parts = [(rows[:whole].reshape(whole // fold, fold * width), fold)]
     if whole < outer:
         parts.append((rows[whole:], 1))
@@ -492,8 +498,12 @@ def _moments(x3, shift):
     outer, channels, inner = x3.shape
     if inner >= PLANAR_RUN:
         return _planar_moments(x3, shift, *_planar_plan(outer, inner))
+    parts = _row_parts(x3)
+    if len(parts) == 1 and parts[0][1] == 1 and inner == 1:  # N×D, or channels-last with C ≥ 64
+        rows = parts[0][0]
+        return _rows_moments(rows, shift, *_rows_plan(*rows.shape))
     counts, means, m2s = [], [], []
-    for rows, fold in _row_parts(x3):
+    for rows, fold in parts:
         mean, m2 = _rows_moments(rows, _per_column(shift, inner, fold), *_rows_plan(*rows.shape))
         counts += [rows.shape[0]] * (fold * inner)
         means.append(_by_channel(mean, channels, inner))
