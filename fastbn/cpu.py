@@ -81,8 +81,8 @@ def _merge(counts, means, m2s):
 @njit(**_jit)
 def _add_partials(sums):
     """Sums ``(kinds, pieces, C)`` added over pieces ``0, 1, ...``: ``(kinds, C)``."""
-    total = sums[:, 0, :].copy()
-    for j in range(1, sums.shape[1]):
+    total = np.zeros((sums.shape[0], sums.shape[2]))
+    for j in range(sums.shape[1]):
         total += sums[:, j, :]
     return total
 
@@ -180,11 +180,10 @@ def _chunk_moments(x, c, shift, r0, r1, i0, i1):
 def _channel_moments(x, c, shift, rows, pieces):
     """``(n, mean − shift, M2)`` of channel ``c``, its chunks merged in order."""
     outer, _, inner = x.shape
-    chunks = (outer + rows - 1) // rows * pieces
-    n, mean, m2 = _chunk_moments(x, c, shift, *_planar_chunk(0, outer, inner, rows, pieces))
-    for j in range(1, chunks):
+    n = mean = m2 = 0.0
+    for j in range((outer + rows - 1) // rows * pieces):
         piece = _chunk_moments(x, c, shift, *_planar_chunk(j, outer, inner, rows, pieces))
-        n, mean, m2 = _chan(n, mean, m2, *piece)
+        n, mean, m2 = piece if j == 0 else _chan(n, mean, m2, *piece)
     return n, mean, m2
 
 
@@ -257,8 +256,8 @@ def _planar_backward(dy, x, dx, mean, invstd, gamma, rows, pieces):
     chunks = (outer + rows - 1) // rows * pieces
     sums = np.empty((2, channels))
     for c in prange(channels):
-        s, sx = _chunk_grad_sums(dy, x, c, mean[c], *_planar_chunk(0, outer, inner, rows, pieces))
-        for j in range(1, chunks):
+        s = sx = 0.0
+        for j in range(chunks):  # the order and arithmetic of _add_partials
             a, b = _chunk_grad_sums(dy, x, c, mean[c],
                                     *_planar_chunk(j, outer, inner, rows, pieces))
             s += a
