@@ -15,31 +15,42 @@ class TorchBatchNorm:
     calls, without autograd's bookkeeping; PyTorch uses as many threads as Numba.
     """
 
-    def __init__(self, x, dy, gamma, beta, axis, eps=1e-5):
+    def __init__(self, x, dy, gamma, beta, axis, running_mean=None, running_var=None,
+                 momentum=0.1, eps=1e-5):
         torch.set_num_threads(numba.get_num_threads())
+        self.axis = axis
         self.x = torch.from_numpy(x).movedim(axis, 1)
         self.dy = torch.from_numpy(dy).movedim(axis, 1)
         self.gamma = torch.from_numpy(gamma)
         self.beta = torch.from_numpy(beta)
-        self.running_mean = torch.zeros(gamma.shape, dtype=self.x.dtype)
-        self.running_var = torch.ones(gamma.shape, dtype=self.x.dtype)
-        self.eps = eps
-        _, self.mean, self.invstd = self.train_forward_with_stats()
+        channels = gamma.shape[0]
+        self.running_mean = torch.zeros(channels, dtype=self.x.dtype) if running_mean is None \
+            else torch.from_numpy(running_mean.copy())
+        self.running_var = torch.ones(channels, dtype=self.x.dtype) if running_var is None \
+            else torch.from_numpy(running_var.copy())
+        self.momentum, self.eps = momentum, eps
+        _, self.mean, self.invstd = torch.ops.aten.native_batch_norm(
+            self.x, self.gamma, self.beta, None, None, True, momentum, eps)  # leaves running stats
 
-    def train_forward_with_stats(self):
+    def _forward(self, training):
         return torch.ops.aten.native_batch_norm(self.x, self.gamma, self.beta, self.running_mean,
-                                                self.running_var, True, 0.1, self.eps)
+                                                self.running_var, training, self.momentum,
+                                                self.eps)
 
     def train_forward(self):
-        """y (as a tensor laid out like x's view) of training forward."""
-        return self.train_forward_with_stats()[0]
+        """y of training forward (which updates the running statistics, as PyTorch's does)."""
+        return self._forward(True)[0]
 
     def eval_forward(self):
-        return torch.ops.aten.native_batch_norm(self.x, self.gamma, self.beta, self.running_mean,
-                                                self.running_var, False, 0.1, self.eps)[0]
+        """y of eval forward, with the running statistics."""
+        return self._forward(False)[0]
 
     def train_backward(self):
         """(dx, dgamma, dbeta) of training backward."""
         return torch.ops.aten.native_batch_norm_backward(
             self.dy, self.x, self.gamma, self.running_mean, self.running_var, self.mean,
             self.invstd, True, self.eps, [True, True, True])
+
+    def numpy(self, t):
+        """A result as a NumPy array in x's layout (a view)."""
+        return (t.movedim(1, self.axis) if t.ndim == self.x.ndim else t).numpy()

@@ -34,8 +34,6 @@ from numba import njit, prange
 
 CHUNK = 8192  # planar: elements of one channel reduced exactly (two passes, in L1/L2); maps:
 #               the longest run one work item writes, so that N = 1 still gives every core work
-FUSED_SLAB = 1 << 19  # planar: a channel's slab of at most this many bytes is reduced and then
-#                       mapped while it sits in L2, so x is read from memory once, not twice
 TILE_ROWS = 32  # rows: rows reduced in one pass about the tile's first row (see _rows_moments)
 SEGMENT = 1 << 18  # rows: elements per parallel work item (bounds the partials buffer)
 COLUMN_BLOCK = 512  # rows: columns per work item, so that wide rows still give many items and
@@ -51,13 +49,16 @@ PLANAR_RUN = 32  # planar kernels need runs this long to pay; shorter ones are r
 _SUM_MATH = {"reassoc", "contract", "nsz"}
 # The maps may fuse a·t + b into one rounding, nothing more.
 _MAP_MATH = {"contract"}
-_jit = dict(cache=True, nogil=True)
+_jit = dict(cache=True, nogil=True, error_model="numpy")
+# Helpers called only from compiled kernels get no Python wrapper: less to compile on a cold start.
+# (Calling one of them from Python would crash the interpreter.)
+_helper = dict(_jit, no_cpython_wrapper=True)
 
 
-# -- per-channel scalars: merging, and the coefficients of the maps ---------------------------
+# -- merging per-piece results, and the coefficients of the maps ------------------------------
 
 
-@njit(**_jit)
+@njit(**_helper)
 def _chan(n, mean, m2, n_b, mean_b, m2_b):
     """Chan et al.'s update: the moments of two disjoint pieces, from each piece's."""
     total = n + n_b
@@ -87,7 +88,6 @@ def _add_partials(sums):
     return total
 
 
-@njit(**_jit)
 def _forward_coefficients(m2, count, gamma, beta, delta, eps):
     """``(invstd, a, b)`` of training forward's map ``y = a·(x − s) + b``, δ = μ − s."""
     invstd = 1.0 / np.sqrt(m2 / count + eps)
@@ -95,7 +95,6 @@ def _forward_coefficients(m2, count, gamma, beta, delta, eps):
     return invstd, a, beta - a * delta
 
 
-@njit(**_jit)
 def _backward_coefficients(sum_dy, sum_dy_xmu, count, gamma, invstd):
     """``(p, q, r)`` of training backward's map ``dx = p·dy + q·(x − μ) + r``."""
     p = gamma * invstd
@@ -105,7 +104,7 @@ def _backward_coefficients(sum_dy, sum_dy_xmu, count, gamma, invstd):
 # -- planar -----------------------------------------------------------------------------------
 
 
-@njit(fastmath=_SUM_MATH, **_jit)
+@njit(fastmath=_SUM_MATH, **_helper)
 def _sum_minus(run, centre):
     s = 0.0
     for i in range(run.size):  # an index loop: Numba's array iterator does not vectorize
@@ -113,7 +112,7 @@ def _sum_minus(run, centre):
     return s
 
 
-@njit(fastmath=_SUM_MATH, **_jit)
+@njit(fastmath=_SUM_MATH, **_helper)
 def _sums_of_deviations(run, centre):
     s = 0.0
     ss = 0.0
@@ -124,7 +123,7 @@ def _sums_of_deviations(run, centre):
     return s, ss
 
 
-@njit(fastmath=_SUM_MATH, **_jit)
+@njit(fastmath=_SUM_MATH, **_helper)
 def _sums_for_gradient(dy_run, x_run, mean):
     s = 0.0
     sx = 0.0
@@ -135,19 +134,19 @@ def _sums_for_gradient(dy_run, x_run, mean):
     return s, sx
 
 
-@njit(fastmath=_MAP_MATH, **_jit)
+@njit(fastmath=_MAP_MATH, **_helper)
 def _map_run(x_run, y_run, s, a, b):
     for i in range(x_run.size):
         y_run[i] = a * (x_run[i] - s) + b
 
 
-@njit(fastmath=_MAP_MATH, **_jit)
+@njit(fastmath=_MAP_MATH, **_helper)
 def _grad_map_run(dy_run, x_run, dx_run, mean, p, q, r):
     for i in range(x_run.size):
         dx_run[i] = p * dy_run[i] + q * (x_run[i] - mean) + r
 
 
-@njit(**_jit)
+@njit(**_helper)
 def _planar_chunk(j, outer, inner, rows, pieces):
     """Rows ``[r0, r1)`` and columns ``[i0, i1)`` of planar chunk ``j``."""
     piece = (inner + pieces - 1) // pieces
@@ -156,7 +155,7 @@ def _planar_chunk(j, outer, inner, rows, pieces):
     return r0, min(r0 + rows, outer), i0, min(i0 + piece, inner)
 
 
-@njit(**_jit)
+@njit(**_helper)
 def _chunk_moments(x, c, shift, r0, r1, i0, i1):
     """``(n, mean − shift, M2)`` of channel ``c``'s chunk, exactly: two passes while in cache."""
     n = (r1 - r0) * (i1 - i0)
@@ -176,17 +175,6 @@ def _chunk_moments(x, c, shift, r0, r1, i0, i1):
     return np.float64(n), (centre - shift) + sd / n, 0.0 if m2 < 0.0 else m2  # NaN passes
 
 
-@njit(**_jit)
-def _channel_moments(x, c, shift, rows, pieces):
-    """``(n, mean − shift, M2)`` of channel ``c``, its chunks merged in order."""
-    outer, _, inner = x.shape
-    n = mean = m2 = 0.0
-    for j in range((outer + rows - 1) // rows * pieces):
-        piece = _chunk_moments(x, c, shift, *_planar_chunk(j, outer, inner, rows, pieces))
-        n, mean, m2 = piece if j == 0 else _chan(n, mean, m2, *piece)
-    return n, mean, m2
-
-
 @njit(parallel=True, **_jit)
 def _planar_moments(x, shift, rows, pieces):
     outer, channels, inner = x.shape
@@ -204,25 +192,7 @@ def _planar_moments(x, shift, rows, pieces):
     return _merge(counts, means, m2s)
 
 
-@njit(parallel=True, **_jit)
-def _planar_normalize(x, y, shift, gamma, beta, eps, rows, pieces):
-    """Training forward, a channel per work item: its slab is reduced, then mapped from cache.
-
-    The chunks and their merge order are those of ``_planar_moments``, so the bits are too.
-    """
-    outer, channels, inner = x.shape
-    delta = np.empty(channels)
-    m2 = np.empty(channels)
-    invstd = np.empty(channels)
-    for c in prange(channels):
-        n, delta[c], m2[c] = _channel_moments(x, c, shift[c], rows, pieces)
-        invstd[c], a, b = _forward_coefficients(m2[c], n, gamma[c], beta[c], delta[c], eps)
-        for o in range(outer):
-            _map_run(x[o, c], y[o, c], shift[c], a, b)
-    return delta, m2, invstd
-
-
-@njit(**_jit)
+@njit(**_helper)
 def _chunk_grad_sums(dy, x, c, mean, r0, r1, i0, i1):
     s = 0.0
     sx = 0.0
@@ -246,31 +216,7 @@ def _planar_grad_sums(dy, x, mean, rows, pieces):
     return _add_partials(sums)
 
 
-@njit(parallel=True, **_jit)
-def _planar_backward(dy, x, dx, mean, invstd, gamma, rows, pieces):
-    """Training backward, a channel per work item: sums over its slab, then the map from cache.
-
-    The chunks and the order they are added in are those of ``_planar_grad_sums``.
-    """
-    outer, channels, inner = x.shape
-    chunks = (outer + rows - 1) // rows * pieces
-    sums = np.empty((2, channels))
-    for c in prange(channels):
-        s = sx = 0.0
-        for j in range(chunks):  # the order and arithmetic of _add_partials
-            a, b = _chunk_grad_sums(dy, x, c, mean[c],
-                                    *_planar_chunk(j, outer, inner, rows, pieces))
-            s += a
-            sx += b
-        sums[0, c] = s
-        sums[1, c] = sx
-        p, q, r = _backward_coefficients(s, sx, outer * inner, gamma[c], invstd[c])
-        for o in range(outer):
-            _grad_map_run(dy[o, c], x[o, c], dx[o, c], mean[c], p, q, r)
-    return sums
-
-
-@njit(**_jit)
+@njit(**_helper)
 def _piece(w, length, piece):
     """Row ``w // pieces`` and its columns ``[i0, i1)``, for rows of ``length`` cut in ``piece``s."""
     pieces = (length + piece - 1) // piece
@@ -419,12 +365,6 @@ def _planar_plan(outer, inner):
     return max(1, CHUNK // inner), 1
 
 
-def _fused(x3):
-    """Whether a planar op can take a channel per work item, its slab staying in cache."""
-    outer, channels, inner = x3.shape
-    return channels >= MIN_WORK_ITEMS and outer * inner * x3.itemsize <= FUSED_SLAB
-
-
 def _rows_plan(rows, width):
     """(segment_rows, tile_rows, column_block) for ``rows`` rows of ``width`` values.
 
@@ -507,7 +447,8 @@ def _moments(x3, shift):
         counts += [rows.shape[0]] * (fold * inner)
         means.append(_by_channel(mean, channels, inner))
         m2s.append(_by_channel(m2, channels, inner))
-    return _merge(np.array(counts, np.float64), np.concatenate(means), np.concatenate(m2s))
+    return _merge(np.array(counts, np.float64), np.ascontiguousarray(np.concatenate(means)),
+                  np.ascontiguousarray(np.concatenate(m2s)))
 
 
 def _grad_sums(dy3, x3, mean):
@@ -532,8 +473,6 @@ def normalize(x3, y3, shift, gamma, beta, eps):
     ``(μ − shift, M2, invstd)``.
     """
     outer, channels, inner = x3.shape
-    if inner >= PLANAR_RUN and _fused(x3):
-        return _planar_normalize(x3, y3, shift, gamma, beta, eps, *_planar_plan(outer, inner))
     delta, m2 = _moments(x3, shift)
     invstd, scale, bias = _forward_coefficients(m2, outer * inner, gamma, beta, delta, eps)
     affine(x3, y3, shift, scale, bias)
@@ -548,8 +487,6 @@ def normalize_backward(dy3, x3, dx3, mean, invstd, gamma, training):
     them: ``dx = p·dy + q·(x − μ) + r``; otherwise ``dx = p·dy``, with ``p = γ·invstd``.
     """
     outer, channels, inner = x3.shape
-    if training and inner >= PLANAR_RUN and _fused(x3):
-        return _planar_backward(dy3, x3, dx3, mean, invstd, gamma, *_planar_plan(outer, inner))
     sum_dy, sum_dy_xmu = _grad_sums(dy3, x3, mean)
     p, q, r = _backward_coefficients(sum_dy, sum_dy_xmu, outer * inner, gamma, invstd)
     if training:

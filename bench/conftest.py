@@ -1,0 +1,44 @@
+"""Options of the benchmark suite, the thread count, and what the JSON records about the run.
+
+``pytest bench ...`` loads this file because ``bench`` is named on the command line; a plain
+``pytest`` collects only ``tests/`` (``testpaths`` in pyproject.toml) and never sees it.
+"""
+import shlex
+
+import numba
+import numpy as np
+
+import fastbn
+
+try:
+    import torch
+except ImportError:
+    torch = None
+else:
+    # The same number of cores for PyTorch as for fastbn's Numba kernels.
+    torch.set_num_threads(numba.get_num_threads())
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("fastbn benchmarks")
+    group.addoption("--bench-dtype", choices=["float32", "float64"], default="float32",
+                    help="dtype of the benchmarked tensors (default float32)")
+    group.addoption("--bench-quick", action="store_true",
+                    help="time each layout's small test shape instead of its benchmark shapes "
+                         "(a smoke test of the suite: seconds)")
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet
+        layer = None
+    machine_info.update(
+        fastbn=fastbn.__version__, numpy=np.__version__, numba=numba.__version__,
+        torch=torch.__version__ if torch is not None else None,
+        threads=numba.get_num_threads(), threading_layer=layer)
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json["command"] = shlex.join(["pytest", *config.invocation_params.args])
+    output_json["dtype"] = config.getoption("bench_dtype")

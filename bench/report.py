@@ -1,0 +1,159 @@
+"""Turn the JSON of ``pytest bench --benchmark-json=FILE`` into a markdown table and a PNG chart.
+
+    python bench/report.py RESULTS.json [--markdown OUT.md] [--png OUT.png]
+
+The table goes to stdout (and to ``--markdown``); matplotlib is needed for ``--png`` only.
+"""
+import argparse
+import json
+import os
+import sys
+
+OPS = ("train fwd", "eval fwd", "train bwd")
+LABELS = {"fastbn": "fastbn", "numpy": "NumPy", "torch": "PyTorch"}  # charted against memcpy
+NONE = "–"
+
+
+def load(path):
+    """``(results, times, nbytes)``: the JSON, and per group ``(op, layout, shape)`` the fastest
+    time of each implementation in seconds and the bytes the op moves, in table order."""
+    with open(path) as f:
+        results = json.load(f)
+    times, nbytes = {}, {}
+    for bench in results["benchmarks"]:
+        info = bench["extra_info"]
+        key = info["op"], info["layout"], info["shape"]
+        times.setdefault(key, {})[info["impl"]] = bench["stats"]["min"]
+        nbytes[key] = info["bytes"]
+    # By op, then in the order of the run (layouts and shapes as fastbn.cases lists them).
+    order = sorted(times, key=lambda key: OPS.index(key[0]) if key[0] in OPS else len(OPS))
+    return results, {key: times[key] for key in order}, nbytes
+
+
+def _number(value):
+    if value < 0.01:
+        return f"{value:.1g}"
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 100 else f"{value:.0f}"
+
+
+def _ratio(a, b):
+    return _number(a / b) if a is not None and b is not None else NONE
+
+
+def _ms(seconds):
+    ms = seconds * 1e3
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}" if ms >= 10 else f"{ms:.3g}"
+
+
+def describe(results):
+    """The lines that say what ran where: versions, machine, date, commit, command."""
+    machine = results.get("machine_info", {})
+    cpu = machine.get("cpu", {})
+    commit = results.get("commit_info") or {}
+    dtype = results.get("dtype") or next(
+        (b["extra_info"].get("dtype") for b in results["benchmarks"]), "?")
+    versions = [f"fastbn {machine.get('fastbn', '?')}", f"NumPy {machine.get('numpy', '?')}",
+                f"Numba {machine.get('numba', '?')} ({machine.get('threads', '?')} threads, "
+                f"{machine.get('threading_layer') or '?'} layer)"]
+    if machine.get("torch"):
+        versions.append(f"PyTorch {machine['torch']}")
+    where = [f"{cpu.get('brand_raw', machine.get('machine', '?'))}, "
+             f"{cpu.get('count', '?')} cores", f"{machine.get('system', '?')}, "
+             f"Python {machine.get('python_version', '?')}",
+             results.get("datetime", "?")[:16].replace("T", " ") + " UTC"]
+    if commit.get("id"):
+        where.append(f"commit {commit['id'][:10]}{' (dirty)' if commit.get('dirty') else ''}")
+    lines = [f"**fastbn benchmarks, {dtype}**: {', '.join(versions)}; {'; '.join(where)}."]
+    if results.get("command"):
+        lines.append(f"Command: `{results['command']}`.")
+    return lines
+
+
+def markdown(results, times, nbytes):
+    """The report: a description of the run, then one table row per group."""
+    lines = describe(results) + [
+        "",
+        "Times are the minimum over each benchmark's rounds: the least disturbed by other work "
+        "on the machine. GB/s: the bytes fastbn must move at the least (x and y forward; dy, x "
+        "and dx backward) over its time. × memcpy: time over that of `np.copyto` of the same "
+        "tensor. NumPy ÷ fastbn, PyTorch ÷ fastbn: how many times faster fastbn is.",
+        "",
+        "| op | layout | shape | fastbn ms | GB/s | × memcpy | NumPy ÷ fastbn "
+        "| PyTorch ÷ fastbn | PyTorch × memcpy |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, impls in times.items():
+        ours, memcpy = impls.get("fastbn"), impls.get("memcpy")
+        cells = [*key,
+                 _ms(ours) if ours is not None else NONE,
+                 _number(nbytes[key] / ours / 1e9) if ours is not None else NONE,
+                 _ratio(ours, memcpy),
+                 _ratio(impls.get("numpy"), ours),
+                 _ratio(impls.get("torch"), ours),
+                 _ratio(impls.get("torch"), memcpy)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(results, times, path):
+    """Each implementation's time as a multiple of memcpy's, a bar per group, into ``path``."""
+    try:
+        import matplotlib
+    except ImportError:
+        sys.exit('report.py: --png needs matplotlib; install it with: pip install -e ".[bench]"')
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    keys = [key for key in times if "memcpy" in times[key]]
+    impls = [impl for impl in LABELS if any(impl in times[key] for key in keys)]
+    height = 0.8 / max(1, len(impls))
+    fig, ax = plt.subplots(figsize=(10, 1.6 + 0.2 * len(keys) * len(impls)))
+    for i, impl in enumerate(impls):
+        rows = [row for row, key in enumerate(keys) if impl in times[key]]
+        ratios = [times[keys[row]][impl] / times[keys[row]]["memcpy"] for row in rows]
+        bars = ax.barh([row + (i - (len(impls) - 1) / 2) * height for row in rows], ratios,
+                       height, label=LABELS[impl])
+        ax.bar_label(bars, [_number(ratio) for ratio in ratios], padding=2, fontsize=7)
+    ax.axvline(1, color="black", linewidth=1, linestyle="--", label="memcpy", zorder=0)
+    ax.set_xscale("log")
+    widths = [bar.get_width() for bar in ax.patches]
+    ax.set_xlim(min(0.5, min(widths) / 1.5), 2 * max(widths))  # room for the labels
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.set_yticks(range(len(keys)), [" · ".join(key) for key in keys], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("time ÷ memcpy time of the same tensor (log scale; lower is faster)")
+    machine = results.get("machine_info", {})
+    ax.set_title(f"fastbn, {results.get('dtype', '')}, {machine.get('threads', '?')} threads, "
+                 f"{machine.get('cpu', {}).get('brand_raw', '')}", fontsize=10)
+    ax.grid(axis="x", which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("results", help="the JSON of pytest bench --benchmark-json=RESULTS.json")
+    parser.add_argument("--markdown", metavar="OUT.md", help="also write the table here")
+    parser.add_argument("--png", metavar="OUT.png", help="draw the chart here (needs matplotlib)")
+    args = parser.parse_args(argv)
+
+    results, times, nbytes = load(args.results)
+    if not times:
+        parser.error(f"{args.results} holds no benchmarks (was it run with --benchmark-disable?)")
+    text = markdown(results, times, nbytes)
+    if args.png:
+        chart(results, times, args.png)
+        if args.markdown:
+            image = os.path.relpath(args.png, os.path.dirname(os.path.abspath(args.markdown)))
+            text += f"\n![Each implementation's time as a multiple of memcpy]({image})\n"
+    sys.stdout.write(text)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
