@@ -265,6 +265,9 @@ def _rows_moments(x, shift, segment_rows, tile_rows, column_block):
         s = shift[c0:c1]
         mean = means[g, c0:c1]
         m2 = m2s[g, c0:c1]
+        for k in range(width):
+            mean[k] = 0.0
+            m2[k] = 0.0
         sd = np.empty(width)
         sdd = np.empty(width)
         n = 0.0
@@ -300,18 +303,14 @@ def _rows_moments(x, shift, segment_rows, tile_rows, column_block):
             total = n + nt
             w_tile = nt / total
             w_cross = n * nt / total
-            for k in range(width):
+            for k in range(width):  # the first tile (n = 0: weights 1 and 0) is copied exactly
                 tile_mean = (first[k] - s[k]) + sd[k] / nt
                 tile_m2 = sdd[k] - sd[k] * sd[k] / nt
-                if tile_m2 < 0.0:
+                if tile_m2 < 0.0:  # rounding only; NaN passes
                     tile_m2 = 0.0
-                if n == 0.0:
-                    mean[k] = tile_mean
-                    m2[k] = tile_m2
-                else:
-                    delta = tile_mean - mean[k]
-                    mean[k] += delta * w_tile
-                    m2[k] += tile_m2 + delta * delta * w_cross
+                delta = tile_mean - mean[k]
+                mean[k] += delta * w_tile
+                m2[k] += tile_m2 + delta * delta * w_cross
             n = total
         counts[g] = n
     return _merge(counts, means, m2s)

@@ -1,0 +1,46 @@
+"""A first call compiles (or loads from Numba's cache) only the kernels it runs."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# In a fresh interpreter: the parallel kernels each call brings in, one call after another.
+SCRIPT = r"""
+import json
+import numpy as np
+import fastbn
+from fastbn import cpu
+
+def loaded():
+    return {n for n in dir(cpu) if getattr(getattr(cpu, n), "targetoptions", {}).get("parallel")
+            and getattr(cpu, n).signatures}
+
+new = []
+for shape in ((300, 70), (8, 3, 100)):
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    before = loaded()
+    y, stats = fastbn.forward(x)
+    new.append(sorted(loaded() - before))
+    before = loaded()
+    fastbn.backward(x, x, stats)
+    new.append(sorted(loaded() - before))
+print(json.dumps(new))
+"""
+
+EXPECTED = [
+    ["_rows_affine", "_rows_moments"],  # N×D forward
+    ["_rows_grad_map", "_rows_grad_sums"],  # N×D backward
+    ["_planar_affine", "_planar_moments"],  # N×C×L forward
+    ["_planar_grad_map", "_planar_grad_sums"],  # N×C×L backward
+]
+
+
+def test_each_first_call_brings_in_only_its_kernels():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT,
+                                                                     os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == EXPECTED
