@@ -283,18 +283,8 @@ def _rows_moments(x, shift, segment_rows, tile_rows, column_block):
             for k in range(width):  # not sd[:] = 0: that is one more parallel loop to compile
                 sd[k] = 0.0
                 sdd[k] = 0.0
-            # Two rows per sweep: half the loads and stores of the accumulators per value.
-            for r in range(t0 + 1, t1 - 1, 2):
-                xa = x[r, c0:c1]
-                xb = x[r + 1, c0:c1]
-                for k in range(width):
-                    f = np.float64(first[k])
-                    da = np.float64(xa[k]) - f
-                    db = np.float64(xb[k]) - f
-                    sd[k] += da + db
-                    sdd[k] += da * da + db * db
-            if (t1 - t0) % 2 == 0:  # the last row, left over from the pairs
-                xr = x[t1 - 1, c0:c1]
+            for r in range(t0 + 1, t1):
+                xr = x[r, c0:c1]
                 for k in range(width):
                     d = np.float64(xr[k]) - np.float64(first[k])
                     sd[k] += d
@@ -332,18 +322,9 @@ def _rows_grad_sums(dy, x, mean, segment_rows, column_block):
             s[k] = 0.0            # parallel loop to compile
             sx[k] = 0.0
         m = mean[c0:c1]
-        r0 = g * segment_rows
-        r1 = min(r0 + segment_rows, rows)
-        for r in range(r0, r1 - 1, 2):  # two rows per sweep, as in _rows_moments
-            ga, gb = dy[r, c0:c1], dy[r + 1, c0:c1]
-            xa, xb = x[r, c0:c1], x[r + 1, c0:c1]
-            for k in range(c1 - c0):
-                va = np.float64(ga[k])
-                vb = np.float64(gb[k])
-                s[k] += va + vb
-                sx[k] += va * (xa[k] - m[k]) + vb * (xb[k] - m[k])
-        if (r1 - r0) % 2:
-            gr, xr = dy[r1 - 1, c0:c1], x[r1 - 1, c0:c1]
+        for r in range(g * segment_rows, min((g + 1) * segment_rows, rows)):
+            gr = dy[r, c0:c1]
+            xr = x[r, c0:c1]
             for k in range(c1 - c0):
                 v = np.float64(gr[k])
                 s[k] += v
