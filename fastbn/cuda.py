@@ -1,0 +1,443 @@
+"""CUDA kernels: fastbn.cpu's steps for arrays that live on an NVIDIA GPU (numba.cuda).
+
+Imported only when a CUDA array or ``device="cuda"`` asks for it, so ``import fastbn`` never needs
+CUDA. Every kernel works on the ``(outer, C, inner)`` view (C-contiguous), as on the CPU:
+
+* reductions come in two layouts: *planar* (``inner > 1``) gives a block one chunk of one channel,
+  whose threads read consecutive values of a run; *rows* (``inner == 1``: N×D, channels-last)
+  gives a block a segment of rows and ``COLUMNS`` consecutive channels, so a warp reads along a
+  row. Either way reads are coalesced;
+* maps are elementwise over the flat array, with the channel of each value computed from its index.
+
+Numerics as on the CPU (DESIGN.md §3): float64 arithmetic, statistics of ``x − s`` with ``s`` one
+value of the channel; each thread keeps a Welford accumulator, a block merges its threads' with Chan
+et al.'s formula in shared memory in a fixed tree order, and a second small kernel merges the
+blocks' in block order. No floating-point atomics, so results are deterministic. Indices are 64-bit,
+so tensors of more than 2**31 values work.
+
+The block sizes are read at call time (kernels are built per size), so tests can shrink them to run
+the multi-block merges on small shapes.
+"""
+import functools
+import math
+
+import numpy as np
+from numba import cuda, float64, int64
+
+from . import cpu
+
+THREADS = 256  # threads per block, a power of two
+COLUMNS = 32  # rows kernels: channels a block covers (one warp reads 32 consecutive values)
+CHUNK = 1 << 15  # planar: values of one channel a block reduces (more when a channel is huge)
+SEGMENT = 1 << 10  # rows: rows a block reduces (more when there are very many rows)
+MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y, which counts the pieces of a channel
+
+# The per-channel formulas are the CPU's, compiled for the device: one definition for both.
+_forward_coefficients = cuda.jit(device=True)(cpu._forward_coefficients)
+_backward_coefficients = cuda.jit(device=True)(cpu._backward_coefficients)
+
+
+@cuda.jit(device=True)
+def _chan(n, mean, m2, n_b, mean_b, m2_b):
+    """Chan et al.'s merge of two pieces' moments; an empty piece changes nothing."""
+    if n_b == 0.0:
+        return n, mean, m2
+    if n == 0.0:
+        return n_b, mean_b, m2_b
+    total = n + n_b
+    delta = mean_b - mean
+    return total, mean + delta * (n_b / total), m2 + m2_b + delta * delta * (n * n_b / total)
+
+
+@cuda.jit(device=True)
+def _welford(n, mean, m2, d):
+    n += 1.0
+    delta = d - mean
+    mean += delta / n
+    return n, mean, m2 + delta * (d - mean)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels(threads, columns):
+    """The kernels for blocks of ``threads`` threads (rows kernels: ``columns`` × the rest)."""
+    lanes = threads // columns  # rows kernels: threads per column, down the rows
+
+    @cuda.jit(device=True)
+    def merge_moments(n, mean, m2, sn, smean, sm2, t, width):
+        """Merge the moments of threads ``t, t + width, ...`` of the block into thread ``t``'s."""
+        sn[t], smean[t], sm2[t] = n, mean, m2
+        cuda.syncthreads()
+        stride = threads // 2
+        while stride >= width:
+            if t < stride:
+                sn[t], smean[t], sm2[t] = _chan(sn[t], smean[t], sm2[t],
+                                               sn[t + stride], smean[t + stride], sm2[t + stride])
+            cuda.syncthreads()
+            stride //= 2
+        return sn[t], smean[t], sm2[t]
+
+    @cuda.jit(device=True)
+    def add_sums(a, b, sa, sb, t, width):
+        """Add the sums of threads ``t, t + width, ...`` into thread ``t``'s, in a fixed tree."""
+        sa[t], sb[t] = a, b
+        cuda.syncthreads()
+        stride = threads // 2
+        while stride >= width:
+            if t < stride:
+                sa[t] += sa[t + stride]
+                sb[t] += sb[t + stride]
+            cuda.syncthreads()
+            stride //= 2
+        return sa[t], sb[t]
+
+    @cuda.jit
+    def planar_moments(x, shift, chunk, counts, means, m2s):
+        c = cuda.blockIdx.x
+        j = int64(cuda.blockIdx.y)
+        t = cuda.threadIdx.x
+        _, _, inner = x.shape
+        start = j * chunk
+        stop = min(start + chunk, int64(x.shape[0]) * inner)
+        s = shift[c]
+        n = mean = m2 = 0.0
+        k = start + t
+        while k < stop:
+            o = k // inner
+            n, mean, m2 = _welford(n, mean, m2, float64(x[o, c, k - o * inner]) - s)
+            k += threads
+        sn = cuda.shared.array(threads, float64)
+        smean = cuda.shared.array(threads, float64)
+        sm2 = cuda.shared.array(threads, float64)
+        n, mean, m2 = merge_moments(n, mean, m2, sn, smean, sm2, t, 1)
+        if t == 0:
+            counts[j, c], means[j, c], m2s[j, c] = n, mean, m2
+
+    @cuda.jit
+    def rows_moments(x, shift, segment, counts, means, m2s):
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        t = ty * columns + tx
+        c = int64(cuda.blockIdx.x) * columns + tx
+        g = int64(cuda.blockIdx.y)
+        rows, channels = x.shape
+        r = g * segment + ty
+        stop = min(g * segment + segment, rows)
+        n = mean = m2 = 0.0
+        if c < channels:
+            s = shift[c]
+            while r < stop:
+                n, mean, m2 = _welford(n, mean, m2, float64(x[r, c]) - s)
+                r += lanes
+        sn = cuda.shared.array(threads, float64)
+        smean = cuda.shared.array(threads, float64)
+        sm2 = cuda.shared.array(threads, float64)
+        n, mean, m2 = merge_moments(n, mean, m2, sn, smean, sm2, t, columns)
+        if ty == 0 and c < channels:
+            counts[g, c], means[g, c], m2s[g, c] = n, mean, m2
+
+    @cuda.jit
+    def planar_grad_sums(dy, x, mean, chunk, sums_dy, sums_dy_xmu):
+        c = cuda.blockIdx.x
+        j = int64(cuda.blockIdx.y)
+        t = cuda.threadIdx.x
+        _, _, inner = x.shape
+        start = j * chunk
+        stop = min(start + chunk, int64(x.shape[0]) * inner)
+        m = mean[c]
+        a = b = 0.0
+        k = start + t
+        while k < stop:
+            o = k // inner
+            i = k - o * inner
+            g = float64(dy[o, c, i])
+            a += g
+            b += g * (float64(x[o, c, i]) - m)
+            k += threads
+        sa = cuda.shared.array(threads, float64)
+        sb = cuda.shared.array(threads, float64)
+        a, b = add_sums(a, b, sa, sb, t, 1)
+        if t == 0:
+            sums_dy[j, c], sums_dy_xmu[j, c] = a, b
+
+    @cuda.jit
+    def rows_grad_sums(dy, x, mean, segment, sums_dy, sums_dy_xmu):
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        t = ty * columns + tx
+        c = int64(cuda.blockIdx.x) * columns + tx
+        g = int64(cuda.blockIdx.y)
+        rows, channels = x.shape
+        r = g * segment + ty
+        stop = min(g * segment + segment, rows)
+        a = b = 0.0
+        if c < channels:
+            m = mean[c]
+            while r < stop:
+                v = float64(dy[r, c])
+                a += v
+                b += v * (float64(x[r, c]) - m)
+                r += lanes
+        sa = cuda.shared.array(threads, float64)
+        sb = cuda.shared.array(threads, float64)
+        a, b = add_sums(a, b, sa, sb, t, columns)
+        if ty == 0 and c < channels:
+            sums_dy[g, c], sums_dy_xmu[g, c] = a, b
+
+    return planar_moments, rows_moments, planar_grad_sums, rows_grad_sums
+
+
+# -- per-channel kernels: one thread per channel ------------------------------------------------
+
+
+@cuda.jit
+def _merge_moments(counts, means, m2s, mean, m2):
+    """Merge the pieces' moments ``(pieces, C)`` in piece order, for every channel."""
+    c = cuda.grid(1)
+    if c < mean.size:
+        n, mc, m2c = 0.0, 0.0, 0.0
+        for j in range(counts.shape[0]):
+            n, mc, m2c = _chan(n, mc, m2c, counts[j, c], means[j, c], m2s[j, c])
+        mean[c] = mc
+        m2[c] = m2c
+
+
+@cuda.jit
+def _add_partials(parts_a, parts_b, total_a, total_b):
+    """Add the pieces' sums ``(pieces, C)`` in piece order, for every channel."""
+    c = cuda.grid(1)
+    if c < total_a.size:
+        a = b = 0.0
+        for j in range(parts_a.shape[0]):
+            a += parts_a[j, c]
+            b += parts_b[j, c]
+        total_a[c] = a
+        total_b[c] = b
+
+
+@cuda.jit
+def _forward_maps(delta, m2, count, gamma, beta, eps, invstd, scale, bias):
+    c = cuda.grid(1)
+    if c < delta.size:
+        invstd[c], scale[c], bias[c] = _forward_coefficients(m2[c], count, gamma[c], beta[c],
+                                                             delta[c], eps)
+
+
+@cuda.jit
+def _backward_maps(sum_dy, sum_dy_xmu, count, gamma, invstd, p, q, r):
+    c = cuda.grid(1)
+    if c < p.size:
+        p[c], q[c], r[c] = _backward_coefficients(sum_dy[c], sum_dy_xmu[c], count, gamma[c],
+                                                  invstd[c])
+
+
+@cuda.jit
+def _update_running(running_mean, running_var, mean, var, momentum, unbias):
+    c = cuda.grid(1)
+    if c < mean.size:
+        running_mean[c] = (1.0 - momentum) * running_mean[c] + momentum * mean[c]
+        running_var[c] = (1.0 - momentum) * running_var[c] + momentum * var[c] * unbias
+
+
+@cuda.jit
+def _first_values(x3, shift):
+    """``shift[c] = x[0, c, 0]``: one value of each channel."""
+    c = cuda.grid(1)
+    if c < shift.size:
+        shift[c] = x3[0, c, 0]
+
+
+@cuda.jit
+def _mean_and_var(shift, delta, m2, count, mean, var):
+    c = cuda.grid(1)
+    if c < mean.size:
+        mean[c] = shift[c] + delta[c]
+        var[c] = m2[c] / count
+
+
+@cuda.jit
+def _cast(source, target):
+    """``target[:] = source`` in target's dtype (per-channel vectors)."""
+    c = cuda.grid(1)
+    if c < target.size:
+        target[c] = source[c]
+
+
+@cuda.jit
+def _product(a, b, out):
+    c = cuda.grid(1)
+    if c < out.size:
+        out[c] = a[c] * b[c]
+
+
+# -- elementwise maps over the flat array ------------------------------------------------------
+
+
+@cuda.jit
+def _affine(x, y, inner, channels, shift, scale, bias):
+    k = cuda.grid(1)
+    step = cuda.gridsize(1)
+    k = int64(k)
+    while k < x.size:
+        c = (k // inner) % channels
+        y[k] = scale[c] * (float64(x[k]) - shift[c]) + bias[c]
+        k += step
+
+
+@cuda.jit
+def _grad_map(dy, x, dx, inner, channels, mean, p, q, r):
+    k = cuda.grid(1)
+    step = cuda.gridsize(1)
+    k = int64(k)
+    while k < x.size:
+        c = (k // inner) % channels
+        dx[k] = p[c] * float64(dy[k]) + q[c] * (float64(x[k]) - mean[c]) + r[c]
+        k += step
+
+
+# -- the steps, as the API calls them ---------------------------------------------------------
+
+
+def _grid(n):
+    return max(1, min(-(-n // THREADS), 65535 * 32)), THREADS
+
+
+def per_channel(values, channels, fill=None):
+    """``(C,)`` values given on the host or the device, as a float64 device array.
+
+    ``None`` gives ``fill`` everywhere (or None if ``fill`` is None).
+    """
+    if values is None:
+        return None if fill is None else cuda.to_device(np.full(channels, fill, np.float64))
+    if cuda.is_cuda_array(values):
+        target = cuda.device_array(channels, np.float64)
+        _cast[_grid(channels)](cuda.as_cuda_array(values), target)
+        return target
+    return cuda.to_device(np.asarray(values, np.float64))
+
+
+def cast(values, dtype):
+    """A device copy of ``values`` in ``dtype``."""
+    target = cuda.device_array(values.size, dtype)
+    _cast[_grid(values.size)](values, target)
+    return target
+
+
+def product(a, b, dtype):
+    """``a·b`` elementwise (per-channel vectors), as a device array of ``dtype``."""
+    out = cuda.device_array(a.size, dtype)
+    _product[_grid(a.size)](a, b, out)
+    return out
+
+
+def _pieces(x3):
+    """``(planar, piece, pieces)``: how the reductions cut each channel."""
+    outer, channels, inner = x3.shape
+    if inner > 1:
+        total = outer * inner
+        chunk = max(CHUNK, -(-total // MAX_GRID_Y))
+        return True, chunk, -(-total // chunk)
+    segment = max(SEGMENT, -(-outer // MAX_GRID_Y))
+    return False, segment, -(-outer // segment)
+
+
+def _reduce_launch(x3):
+    planar, piece, pieces = _pieces(x3)
+    channels = x3.shape[1]
+    kernels = _kernels(THREADS, min(COLUMNS, THREADS))
+    if planar:
+        return kernels, planar, piece, pieces, (channels, pieces), THREADS
+    columns = min(COLUMNS, THREADS)
+    return kernels, planar, piece, pieces, (-(-channels // columns), pieces), \
+        (columns, THREADS // columns)
+
+
+def moments(x3, shift):
+    """Device ``(mean of x − shift, M2)`` per channel, float64."""
+    outer, channels, inner = x3.shape
+    kernels, planar, piece, pieces, grid, block = _reduce_launch(x3)
+    counts, means, m2s = (cuda.device_array((pieces, channels), np.float64) for _ in range(3))
+    if planar:
+        kernels[0][grid, block](x3, shift, piece, counts, means, m2s)
+    else:
+        kernels[1][grid, block](x3.reshape(outer, channels), shift, piece, counts, means, m2s)
+    delta = cuda.device_array(channels, np.float64)
+    m2 = cuda.device_array(channels, np.float64)
+    _merge_moments[_grid(channels)](counts, means, m2s, delta, m2)
+    return delta, m2
+
+
+def grad_sums(dy3, x3, mean):
+    """Device ``(Σdy, Σdy·(x − mean))`` per channel, float64, in one pass over dy and x."""
+    outer, channels, inner = x3.shape
+    kernels, planar, piece, pieces, grid, block = _reduce_launch(x3)
+    parts = [cuda.device_array((pieces, channels), np.float64) for _ in range(2)]
+    if planar:
+        kernels[2][grid, block](dy3, x3, mean, piece, *parts)
+    else:
+        flat = (outer, channels)
+        kernels[3][grid, block](dy3.reshape(flat), x3.reshape(flat), mean, piece, *parts)
+    totals = [cuda.device_array(channels, np.float64) for _ in range(2)]
+    _add_partials[_grid(channels)](*parts, *totals)
+    return totals
+
+
+def affine(x3, y3, shift, scale, bias):
+    """``y = scale·(x − shift) + bias`` per channel, written into ``y3``."""
+    outer, channels, inner = x3.shape
+    _affine[_grid(x3.size)](x3.reshape(x3.size), y3.reshape(y3.size), inner, channels, shift,
+                             scale, bias)
+
+
+def normalize(x3, y3, gamma, beta, eps):
+    """Training forward on the device; returns device ``(mean, var, invstd)``, float64."""
+    outer, channels, inner = x3.shape
+    count = float(outer * inner)
+    launch = _grid(channels)
+    # Statistics of x − s, s one value of each channel, and the map centred about s, as on the CPU.
+    shift = cuda.device_array(channels, np.float64)
+    _first_values[launch](x3, shift)
+    delta, m2 = moments(x3, shift)
+    mean, var, invstd, scale, bias = (cuda.device_array(channels, np.float64) for _ in range(5))
+    _mean_and_var[launch](shift, delta, m2, count, mean, var)
+    _forward_maps[launch](delta, m2, count, gamma, beta, eps, invstd, scale, bias)
+    affine(x3, y3, shift, scale, bias)
+    return mean, var, invstd
+
+
+def normalize_eval(x3, y3, mean, var, gamma, beta, eps):
+    """Eval forward on the device with the given statistics; returns device ``invstd``."""
+    channels = x3.shape[1]
+    zeros = cuda.to_device(np.zeros(channels))
+    invstd, scale, bias = (cuda.device_array(channels, np.float64) for _ in range(3))
+    _forward_maps[_grid(channels)](zeros, var, 1.0, gamma, beta, eps, invstd, scale, bias)
+    affine(x3, y3, mean, scale, bias)
+    return invstd
+
+
+def normalize_backward(dy3, x3, dx3, mean, invstd, gamma, training):
+    """``dx`` into ``dx3``; returns device ``(Σdy, Σdy·(x − μ))``, float64."""
+    outer, channels, inner = x3.shape
+    sum_dy, sum_dy_xmu = grad_sums(dy3, x3, mean)
+    p, q, r = (cuda.device_array(channels, np.float64) for _ in range(3))
+    _backward_maps[_grid(channels)](sum_dy, sum_dy_xmu, float(outer * inner), gamma, invstd,
+                                    p, q, r)
+    if training:
+        _grad_map[_grid(x3.size)](dy3.reshape(dy3.size), x3.reshape(x3.size),
+                                  dx3.reshape(dx3.size), inner, channels, mean, p, q, r)
+    else:
+        zeros = cuda.to_device(np.zeros(channels))
+        affine(dy3, dx3, zeros, p, zeros)
+    return sum_dy, sum_dy_xmu
+
+
+def update_running(running_mean, running_var, mean, var, momentum, count):
+    """PyTorch's running-statistics update, on the device, in the running arrays' dtype."""
+    unbias = count / (count - 1)
+    _update_running[_grid(mean.size)](running_mean, running_var, mean, var, momentum, unbias)
+
+
+def available():
+    try:
+        return cuda.is_available()
+    except Exception:  # a broken driver or runtime counts as none
+        return False
