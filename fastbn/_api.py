@@ -6,6 +6,7 @@ arguments as they were.
 import math
 import numbers
 import operator
+import os
 from typing import NamedTuple
 
 import numpy as np
@@ -32,31 +33,71 @@ class BatchStats(NamedTuple):
 
 
 def cuda_available():
-    """Whether fastbn can run on a CUDA GPU here: False, since this release has CPU kernels only."""
-    return False
+    """Whether fastbn can run on a CUDA GPU here: numba.cuda is importable and finds a GPU."""
+    try:
+        from . import cuda as gpu
+    except ImportError:
+        return False
+    return gpu.available()
 
 
 # -- checks ------------------------------------------------------------------------------------
 
+_DEVICES = (None, "cpu", "cuda")
+
 
 def _is_cuda_array(a):
-    return hasattr(a, "__cuda_array_interface__") and not isinstance(a, np.ndarray)
+    """Whether ``a`` lives on the GPU: it exposes ``__cuda_array_interface__`` (CuPy, PyTorch,
+    Numba), or it is an array of Numba's CUDA simulator, which the tests run the GPU path on."""
+    if isinstance(a, np.ndarray):
+        return False
+    return (hasattr(a, "__cuda_array_interface__")
+            or type(a).__module__.startswith("numba.cuda.simulator"))
+
+
+def _device_view(a):
+    """A zero-copy Numba device array of a CUDA array (CuPy, PyTorch, Numba, ...)."""
+    if not hasattr(a, "__cuda_array_interface__"):
+        return a  # the simulator's arrays are Numba's device arrays already
+    from numba import cuda
+    return cuda.as_cuda_array(a)
+
+
+def _interface(a):
+    """The array interface of a NumPy or CUDA array: data pointer, read-only flag, typestr."""
+    if isinstance(a, np.ndarray):
+        return a.__array_interface__
+    if hasattr(a, "__cuda_array_interface__"):
+        return a.__cuda_array_interface__
+    return np.asarray(a).__array_interface__  # the simulator's arrays live on the host
 
 
 def _choose_device(device, *arrays):
-    if device not in (None, "cpu", "cuda"):
+    """``"cpu"`` or ``"cuda"``: ``device``, else FASTBN_DEVICE, else where the arrays live."""
+    if device is None:
+        device = os.environ.get("FASTBN_DEVICE") or None
+        if device not in _DEVICES:
+            raise ValueError(f"the environment variable FASTBN_DEVICE must be 'cpu' or 'cuda', "
+                             f"got {device!r}")
+    elif device not in _DEVICES:
         raise ValueError(f"device must be None, 'cpu' or 'cuda', got {device!r}")
     on_gpu = any(_is_cuda_array(a) for a in arrays)
-    if device == "cuda" or (device is None and on_gpu):
-        raise RuntimeError("fastbn was asked to run on CUDA, but this release has CPU kernels only "
-                           "(fastbn.cuda_available() is False); pass NumPy arrays, or device='cpu'")
-    if on_gpu:
+    if device == "cpu" and on_gpu:
         raise TypeError("device='cpu' needs NumPy arrays, but a CUDA array was given; copy it to "
-                        "the host first")
+                        "the host first, or leave device=None to compute on the GPU")
+    if device == "cuda" or on_gpu:
+        if not cuda_available():
+            raise RuntimeError(
+                "fastbn was asked to compute on a CUDA GPU (device='cuda', FASTBN_DEVICE=cuda or "
+                "a CUDA array), but none is usable here: it needs an NVIDIA GPU and driver and "
+                "the CUDA extra, `pip install \"fastbn[cuda]\"` (numba-cuda with the CUDA "
+                "bindings); fastbn.cuda_available() tells whether one is found")
+        return "cuda"
+    return "cpu"
 
 
 def _data(name, a):
-    arr = np.asarray(a)
+    arr = _device_view(a) if _is_cuda_array(a) else np.asarray(a)
     if arr.dtype not in _DATA_DTYPES:
         raise TypeError(f"{name} must be a float32 or float64 array in native byte order, got "
                         f"dtype {arr.dtype} (shape {arr.shape})")
@@ -78,19 +119,24 @@ def _channel_axis(axis, x):
     return axis % x.ndim
 
 
-def _per_channel(name, a, channels, where):
+def _per_channel(name, a, channels, where, gpu=False):
     """A read-only per-channel parameter (gamma, beta, ...) as float64, or None.
 
-    ``where`` says where the channel count comes from, for the error message.
+    ``where`` says where the channel count comes from, for the error message. With ``gpu``, a
+    CUDA array is allowed and returned as a device view, unconverted.
     """
     if a is None:
         return None
-    arr = np.asarray(a)
+    on_gpu = _is_cuda_array(a)
+    arr = _device_view(a) if on_gpu else np.asarray(a)
     if arr.dtype.kind not in "fiu":
         raise TypeError(f"{name} must be a real-valued array, got dtype {arr.dtype} "
                         f"(shape {arr.shape})")
     _check_channels(name, arr, channels, where)
-    return arr.astype(np.float64)
+    if on_gpu and not gpu:
+        raise TypeError(f"{name} is a CUDA array, but the batch is a NumPy array computed on the "
+                        f"CPU; pass {name} as a NumPy array, or the batch on the GPU")
+    return arr if on_gpu else arr.astype(np.float64)
 
 
 def _check_channels(name, arr, channels, where):
@@ -103,7 +149,17 @@ def _of_x(x, axis):
     return f"x (shape {x.shape}, channel axis {axis})"
 
 
-def _running(name, a, x, axis, updated):
+def _running(name, a, x, axis, updated, gpu=False):
+    if gpu and _is_cuda_array(a):
+        a = _device_view(a)
+        if a.dtype.kind != "f":
+            raise TypeError(f"{name} must be a floating-point array, got dtype {a.dtype} "
+                            f"(shape {a.shape})")
+        _check_channels(name, a, x.shape[axis], _of_x(x, axis))
+        if updated and _interface(a)["data"][1]:
+            raise ValueError(f"{name} (shape {a.shape}) is read-only, but training updates it "
+                             f"in place")
+        return
     if not isinstance(a, np.ndarray) or a.dtype.kind != "f":
         kind = (f"dtype {a.dtype} (shape {a.shape})" if isinstance(a, np.ndarray)
                 else type(a).__name__)
@@ -119,8 +175,25 @@ def _flag(name, value):
     return bool(value)
 
 
+def _byte_range(a):
+    """``[low, high)`` of the bytes a (NumPy or CUDA) array may touch."""
+    low = high = _interface(a)["data"][0]
+    strides = a.strides or ()
+    for n, stride in zip(a.shape, strides):
+        if n == 0:
+            return low, low
+        (low, high) = (low, high + (n - 1) * stride) if stride > 0 else \
+            (low + (n - 1) * stride, high)
+    return low, high + a.dtype.itemsize
+
+
 def _overlaps(a, b):
     """Whether two arrays may share memory (a problem too hard to decide counts as yes)."""
+    if _is_cuda_array(a) or _is_cuda_array(b):  # device memory: by address ranges
+        if _is_cuda_array(a) != _is_cuda_array(b):
+            return False
+        (a0, a1), (b0, b1) = _byte_range(a), _byte_range(b)
+        return a0 < b1 and b0 < a1
     if not np.may_share_memory(a, b):  # disjoint address ranges: cheap to tell
         return False
     try:
@@ -138,21 +211,28 @@ def _real(name, value):
 def _check_out(out, like, **inputs):
     if out is None:
         return
-    if not isinstance(out, np.ndarray):
+    if _is_cuda_array(like):
+        if not _is_cuda_array(out):
+            raise TypeError(f"out must be a CUDA array like x, got {type(out).__name__}")
+        view = _device_view(out)
+        if view.shape == like.shape and not view.is_c_contiguous():
+            raise ValueError(f"out (shape {view.shape}, strides {view.strides}) must be "
+                             f"C-contiguous on the GPU")
+        if _interface(view)["data"][1]:
+            raise ValueError(f"out is read-only (shape {view.shape})")
+        out = view
+    elif not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
     if out.dtype != like.dtype:
         raise TypeError(f"out must have x's dtype {like.dtype}, got {out.dtype} "
                         f"(shapes: out {out.shape}, x {like.shape})")
     if out.shape != like.shape:
         raise ValueError(f"out must have x's shape {like.shape}, got {out.shape}")
-    if not out.flags.writeable:
+    if isinstance(out, np.ndarray) and not out.flags.writeable:
         raise ValueError(f"out is read-only (shape {out.shape})")
     for name, a in inputs.items():
-        if not np.may_share_memory(out, a):  # disjoint address ranges: cheap to tell
-            continue
-        same = (out.__array_interface__["data"][0] == a.__array_interface__["data"][0]
-                and out.strides == a.strides)
-        if not same and _overlaps(out, a):
+        same = lambda: _byte_range(out) == _byte_range(a) and out.strides == a.strides  # noqa: E731
+        if _overlaps(out, a) and not same():
             raise ValueError(f"out (shape {out.shape}, strides {out.strides}) partly overlaps "
                              f"{name} (strides {a.strides}); it may be {name} itself, or separate")
 
@@ -205,13 +285,13 @@ def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=Non
     stats : BatchStats
         The float64 ``(mean, invstd)`` used, for ``backward``.
     """
-    _choose_device(device, x, out)
+    gpu = _choose_device(device, x, out) == "cuda"
     x = _data("x", x)
     axis = _channel_axis(axis, x)
     training = _flag("training", training)
     channels = x.shape[axis]
-    gamma = _per_channel("gamma", gamma, channels, _of_x(x, axis))
-    beta = _per_channel("beta", beta, channels, _of_x(x, axis))
+    gamma = _per_channel("gamma", gamma, channels, _of_x(x, axis), gpu)
+    beta = _per_channel("beta", beta, channels, _of_x(x, axis), gpu)
     eps = _eps(eps)
     if (running_mean is None) != (running_var is None):
         given = "running_mean" if running_var is None else "running_var"
@@ -229,8 +309,8 @@ def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=Non
         raise ValueError(f"training=False normalizes with running_mean and running_var, which "
                          f"were not given (x of shape {x.shape})")
     if running_mean is not None:
-        _running("running_mean", running_mean, x, axis, updated=training)
-        _running("running_var", running_var, x, axis, updated=training)
+        _running("running_mean", running_mean, x, axis, training, gpu)
+        _running("running_var", running_var, x, axis, training, gpu)
     _check_out(out, x, x=x)
     if training and running_mean is not None:
         # Written in place after y: they must not share memory with what else is read or written.
@@ -241,6 +321,9 @@ def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=Non
         for name, stat, other, a in pairs:
             if _overlaps(stat, a):
                 raise ValueError(f"{name} shares memory with {other}")
+    if gpu:
+        return _cuda_forward(x, gamma, beta, axis, training, running_mean, running_var,
+                             momentum, eps, out, count)
 
     view = ChannelView(x, axis)
     x3 = view.of(x)
@@ -302,7 +385,7 @@ def backward(dy, x, stats, gamma=None, *, axis=1, training=True, out=None, devic
     dgamma, dbeta : ndarray, shape (C,)
         ``Σ dy·x̂`` and ``Σ dy``, in gamma's dtype (x's if gamma is None or not floating).
     """
-    _choose_device(device, dy, x, out)
+    gpu = _choose_device(device, dy, x, out) == "cuda"
     x = _data("x", x)
     dy = _data("dy", dy)
     if dy.dtype != x.dtype:
@@ -317,13 +400,16 @@ def backward(dy, x, stats, gamma=None, *, axis=1, training=True, out=None, devic
         raise TypeError("stats must be the BatchStats (mean, invstd) that forward returned, got "
                         f"{type(stats).__name__}") from None
     channels, where = x.shape[axis], _of_x(x, axis)
-    mean = _per_channel("stats.mean", mean, channels, where)
-    invstd = _per_channel("stats.invstd", invstd, channels, where)
+    mean = _per_channel("stats.mean", mean, channels, where, gpu)
+    invstd = _per_channel("stats.invstd", invstd, channels, where, gpu)
     grad_dtype = x.dtype
-    if gamma is not None and np.asarray(gamma).dtype.kind == "f":
-        grad_dtype = np.asarray(gamma).dtype
-    gamma = _per_channel("gamma", gamma, channels, where)
+    if gamma is not None:
+        gamma_dtype = _device_view(gamma).dtype if _is_cuda_array(gamma) else np.asarray(gamma).dtype
+        grad_dtype = gamma_dtype if gamma_dtype.kind == "f" else x.dtype
+    gamma = _per_channel("gamma", gamma, channels, where, gpu)
     _check_out(out, x, x=x, dy=dy)
+    if gpu:
+        return _cuda_backward(dy, x, mean, invstd, gamma, grad_dtype, axis, training, out)
 
     view = ChannelView(x, axis)
     x3 = view.of(x)
@@ -337,6 +423,92 @@ def backward(dy, x, stats, gamma=None, *, axis=1, training=True, out=None, devic
     if pending is not None:
         dx[...] = pending
     return dx, (sum_dy_xmu * invstd).astype(grad_dtype), sum_dy.astype(grad_dtype)
+
+
+# -- the GPU path -------------------------------------------------------------------------------
+
+
+def _view_shape(shape, axis):
+    """``(outer, C, inner)`` of a C-contiguous array of ``shape`` with channel ``axis``."""
+    return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
+
+
+def _to_gpu(name, a):
+    """A C-contiguous device array of ``a``: a host array is copied in, a device one viewed."""
+    from numba import cuda
+    if isinstance(a, np.ndarray):
+        return cuda.to_device(np.ascontiguousarray(a))
+    if not a.is_c_contiguous():
+        raise ValueError(f"{name} (shape {a.shape}, strides {a.strides}) must be C-contiguous on "
+                         f"the GPU; make a contiguous copy first")
+    return a
+
+
+def _to_host(result, out):
+    """A device result as a host array (into ``out`` if given)."""
+    if out is None:
+        return result.copy_to_host()
+    out[...] = result.copy_to_host()
+    return out
+
+
+def _cuda_forward(x, gamma, beta, axis, training, running_mean, running_var, momentum, eps, out,
+                  count):
+    from numba import cuda
+    from . import cuda as gpu
+    on_host = isinstance(x, np.ndarray)  # device="cuda" with NumPy arrays: copy in, and back
+    shape3 = _view_shape(x.shape, axis)
+    channels = shape3[1]
+    xd = _to_gpu("x", x)
+    yd = _device_view(out) if out is not None and not on_host else \
+        cuda.device_array(x.shape, x.dtype)
+    x3, y3 = xd.reshape(shape3), yd.reshape(shape3)
+    gamma = gpu.per_channel(gamma, channels, 1.0)
+    beta = gpu.per_channel(beta, channels, 0.0)
+    if training:
+        mean, var, invstd = (gpu.normalize(x3, y3, gamma, beta, eps) if x.size else
+                             [cuda.device_array(0, np.float64)] * 3)
+    else:
+        mean = gpu.per_channel(running_mean, channels)
+        var = gpu.per_channel(running_var, channels)
+        invstd = gpu.normalize_eval(x3, y3, mean, var, gamma, beta, eps)
+    if training and running_mean is not None:
+        if _is_cuda_array(running_mean):  # updated where they live
+            gpu.update_running(_device_view(running_mean), _device_view(running_var), mean, var,
+                               momentum, count)
+        else:
+            mean_h, var_h = mean.copy_to_host(), var.copy_to_host()
+            running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean_h
+            running_var[...] = ((1.0 - momentum) * running_var
+                                + momentum * var_h * (count / (count - 1)))
+    if on_host:
+        return _to_host(yd, out), BatchStats(mean.copy_to_host(), invstd.copy_to_host())
+    return (yd if out is None else out), BatchStats(mean, invstd)
+
+
+def _cuda_backward(dy, x, mean, invstd, gamma, grad_dtype, axis, training, out):
+    from numba import cuda
+    from . import cuda as gpu
+    on_host = isinstance(x, np.ndarray)
+    shape3 = _view_shape(x.shape, axis)
+    channels = shape3[1]
+    xd, dyd = _to_gpu("x", x), _to_gpu("dy", dy)
+    dxd = _device_view(out) if out is not None and not on_host else \
+        cuda.device_array(x.shape, x.dtype)
+    mean = gpu.per_channel(mean, channels)
+    invstd = gpu.per_channel(invstd, channels)
+    gamma = gpu.per_channel(gamma, channels, 1.0)
+    if x.size:
+        sum_dy, sum_dy_xmu = gpu.normalize_backward(dyd.reshape(shape3), xd.reshape(shape3),
+                                                    dxd.reshape(shape3), mean, invstd, gamma,
+                                                    training)
+    else:
+        sum_dy = sum_dy_xmu = cuda.to_device(np.zeros(channels))
+    dgamma = gpu.product(sum_dy_xmu, invstd, grad_dtype)
+    dbeta = gpu.cast(sum_dy, grad_dtype)
+    if on_host:
+        return _to_host(dxd, out), dgamma.copy_to_host(), dbeta.copy_to_host()
+    return (dxd if out is None else out), dgamma, dbeta
 
 
 # -- eval-mode batch norm as one multiply-add --------------------------------------------------

@@ -302,17 +302,17 @@ def _grid(n):
 
 
 def per_channel(values, channels, fill=None):
-    """``(C,)`` values given on the host or the device, as a float64 device array.
+    """``(C,)`` values, a NumPy array or a Numba device array, as a float64 device array.
 
     ``None`` gives ``fill`` everywhere (or None if ``fill`` is None).
     """
     if values is None:
         return None if fill is None else cuda.to_device(np.full(channels, fill, np.float64))
-    if cuda.is_cuda_array(values):
-        target = cuda.device_array(channels, np.float64)
-        _cast[_grid(channels)](cuda.as_cuda_array(values), target)
-        return target
-    return cuda.to_device(np.asarray(values, np.float64))
+    if isinstance(values, np.ndarray):
+        return cuda.to_device(np.asarray(values, np.float64))
+    target = cuda.device_array(channels, np.float64)  # a device array: converted there
+    _cast[_grid(channels)](values, target)
+    return target
 
 
 def cast(values, dtype):

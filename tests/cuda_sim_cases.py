@@ -1,0 +1,170 @@
+"""The GPU path, run by tests/test_cuda.py under NUMBA_ENABLE_CUDASIM=1 in a process of its own.
+
+Not collected by a plain ``pytest`` (the name does not start with ``test_``): the simulator must be
+switched on before numba is imported. The block sizes are shrunk so that every multi-block merge
+and the grid-level merge run on the tests' small shapes. Each case compares the GPU with the float64
+reference and with the CPU path.
+"""
+import os
+
+import numpy as np
+import pytest
+
+assert os.environ.get("NUMBA_ENABLE_CUDASIM") == "1", "run through tests/test_cuda.py"
+
+from numba import cuda  # noqa: E402
+
+import fastbn  # noqa: E402
+import fastbn.cuda  # noqa: E402
+
+import reference  # noqa: E402
+from _util import assert_close, each_dtype, each_layout, make_case, tol_for  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def tiny_blocks(monkeypatch):
+    for name, value in {"THREADS": 8, "COLUMNS": 4, "CHUNK": 20, "SEGMENT": 5}.items():
+        monkeypatch.setattr(fastbn.cuda, name, value)
+
+
+def is_device_array(a):
+    return not isinstance(a, np.ndarray) and hasattr(a, "copy_to_host")
+
+
+def host(a):
+    return a.copy_to_host() if is_device_array(a) else a
+
+
+def on_device(*arrays):
+    return [cuda.to_device(a) for a in arrays]
+
+
+def test_cuda_is_available_under_the_simulator():
+    assert fastbn.cuda_available()
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@each_dtype
+@each_layout
+def test_device_arrays_match_reference_and_cpu(layout, dtype, training, rng):
+    shape, axis = layout.small, layout.axis
+    x, dy, gamma, beta, rm, rv = make_case(rng, shape, axis, dtype, offset=rng.uniform(-5, 5))
+    tol = tol_for(dtype)
+    xd, dyd, gd, bd, rmd, rvd = on_device(x, dy, gamma, beta, rm, rv)
+    y, stats = fastbn.forward(xd, gd, bd, axis=axis, training=training, running_mean=rmd,
+                              running_var=rvd)
+    assert is_device_array(y) and is_device_array(stats.mean)  # stays on the device
+    ry, rmean, rinvstd, rrm, rrv = reference.forward(x, gamma, beta, axis, training, rm, rv)
+    assert_close(host(y), ry, tol, "y")
+    assert_close(host(stats.mean), rmean, tol, "mean")
+    assert_close(host(stats.invstd), rinvstd, tol, "invstd")
+    assert_close(host(rmd), rrm, tol, "running_mean (on the device, updated there)")
+    assert_close(host(rvd), rrv, tol, "running_var")
+
+    dx, dgamma, dbeta = fastbn.backward(dyd, xd, stats, gd, axis=axis, training=training)
+    rdx, rdgamma, rdbeta = reference.backward(dy, x, rmean, rinvstd, gamma, axis, training)
+    assert_close(host(dx), rdx, tol, "dx")
+    assert_close(host(dgamma), rdgamma, tol, "dgamma")
+    assert_close(host(dbeta), rdbeta, tol, "dbeta")
+
+    cy, cstats = fastbn.forward(x, gamma, beta, axis=axis, training=training,
+                                running_mean=rm.copy(), running_var=rv.copy())
+    cdx = fastbn.backward(dy, x, cstats, gamma, axis=axis, training=training)[0]
+    assert_close(host(y), cy, tol, "y against the CPU")
+    assert_close(host(dx), cdx, tol, "dx against the CPU")
+
+
+@each_layout
+def test_device_cuda_with_numpy_arrays_returns_numpy(layout, rng):
+    shape, axis = layout.small, layout.axis
+    x, dy, gamma, beta, rm, rv = make_case(rng, shape, axis, np.float32)
+    y, stats = fastbn.forward(x, gamma, beta, axis=axis, running_mean=rm, running_var=rv,
+                              device="cuda")
+    dx, dgamma, dbeta = fastbn.backward(dy, x, stats, gamma, axis=axis, device="cuda")
+    for a in (y, stats.mean, stats.invstd, dx, dgamma, dbeta):
+        assert isinstance(a, np.ndarray)
+    ry, rmean, rinvstd, _, _ = reference.forward(x, gamma, beta, axis)
+    assert_close(y, ry, tol_for(np.float32), "y")
+    assert_close(dx, reference.backward(dy, x, rmean, rinvstd, gamma, axis)[0],
+                 tol_for(np.float32), "dx")
+    assert dgamma.dtype == gamma.dtype
+
+
+def test_large_offset_and_constant_channel(rng):
+    shape, axis = (3, 4, 25), 1
+    x, _, gamma, beta, _, _ = make_case(rng, shape, axis, np.float64,
+                                        offset=1e8 + rng.uniform(-100, 100, 4), scale=1.0)
+    x[:, 0] = 1e7 + 1.0
+    y, stats = fastbn.forward(cuda.to_device(x), gamma, beta)
+    ry, _, rinvstd, _, _ = reference.forward(x, gamma, beta, axis)
+    assert np.all(host(y)[:, 0] == beta[0]), "a constant channel gives exactly beta"
+    assert_close(host(y)[:, 1:], ry[:, 1:], 1e-10, "y")
+    assert_close(host(stats.invstd)[1:], rinvstd[1:], 1e-10, "invstd")
+
+
+def test_nan_spoils_only_its_channel(rng):
+    x, dy, gamma, beta, _, _ = make_case(rng, (4, 3, 10), 1, np.float32)
+    x[1, 0, 3] = np.nan
+    y, stats = fastbn.forward(cuda.to_device(x), gamma, beta)
+    dx = host(fastbn.backward(cuda.to_device(dy), cuda.to_device(x), stats, gamma)[0])
+    assert np.isnan(host(y)[:, 0]).all() and np.isnan(dx[:, 0]).all()
+    assert np.isfinite(host(y)[:, 1:]).all() and np.isfinite(dx[:, 1:]).all()
+
+
+def test_out_and_in_place(rng):
+    x, dy, gamma, beta, _, _ = make_case(rng, (5, 6, 7), 1, np.float32)
+    ry = reference.forward(x, gamma, beta, 1)[0]
+    xd = cuda.to_device(x)
+    out = cuda.device_array_like(xd)
+    y, _ = fastbn.forward(xd, gamma, beta, out=out)
+    assert y is out
+    assert_close(host(out), ry, tol_for(np.float32), "out")
+    y, _ = fastbn.forward(xd, gamma, beta, out=xd)
+    assert_close(host(xd), ry, tol_for(np.float32), "in place")
+
+
+def test_host_running_statistics_are_updated_on_the_host(rng):
+    x, _, gamma, beta, rm, rv = make_case(rng, (6, 3, 8), 1, np.float64)
+    expected = reference.forward(x, gamma, beta, 1, True, rm, rv)[3:]
+    fastbn.forward(cuda.to_device(x), gamma, beta, running_mean=rm, running_var=rv)
+    assert_close(rm, expected[0], 1e-10, "running_mean")
+    assert_close(rv, expected[1], 1e-10, "running_var")
+
+
+def test_repeated_calls_are_bitwise_identical(rng):
+    x, dy, gamma, beta, _, _ = make_case(rng, (9, 5, 12), 1, np.float32)
+    xd, dyd = on_device(x, dy)
+    first = [host(a) for a in (*fastbn.forward(xd, gamma, beta)[1],
+                                *fastbn.backward(dyd, xd, fastbn.forward(xd, gamma, beta)[1]))]
+    second = [host(a) for a in (*fastbn.forward(xd, gamma, beta)[1],
+                                 *fastbn.backward(dyd, xd, fastbn.forward(xd, gamma, beta)[1]))]
+    for a, b in zip(first, second):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_environment_variable_sets_the_default(rng, monkeypatch):
+    x = make_case(rng, (4, 3), 1, np.float32)[0]
+    monkeypatch.setenv("FASTBN_DEVICE", "cuda")
+    y, _ = fastbn.forward(x)  # NumPy in, computed on the GPU, NumPy out
+    assert isinstance(y, np.ndarray)
+    assert_close(y, reference.forward(x)[0], tol_for(np.float32), "y")
+    monkeypatch.setenv("FASTBN_DEVICE", "gpu")
+    with pytest.raises(ValueError, match="FASTBN_DEVICE"):
+        fastbn.forward(x)
+
+
+def test_errors(rng):
+    x = make_case(rng, (4, 3, 5), 1, np.float32)[0]
+    xd = cuda.to_device(x)
+    with pytest.raises(TypeError, match="device='cpu'"):
+        fastbn.forward(xd, device="cpu")
+    with pytest.raises(TypeError, match="gamma is a CUDA array"):
+        fastbn.forward(x, cuda.to_device(np.ones(3)))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        fastbn.forward(cuda.to_device(np.asfortranarray(x)))
+    with pytest.raises(ValueError, match=r"gamma must have shape \(3,\)"):
+        fastbn.forward(xd, cuda.to_device(np.ones(4)))
+    rm = cuda.to_device(np.zeros(3))
+    with pytest.raises(ValueError, match="running_mean and running_var go together"):
+        fastbn.forward(xd, running_mean=rm)
+    assert np.all(rm.copy_to_host() == 0)
