@@ -7,7 +7,7 @@ CUDA. Every kernel works on the ``(outer, C, inner)`` view (C-contiguous), as on
   whose threads read consecutive values of a run; *rows* (``inner == 1``: N×D, channels-last)
   gives a block a segment of rows and ``COLUMNS`` consecutive channels, so a warp reads along a
   row. Either way reads are coalesced;
-* maps are elementwise over the flat array, with the channel of each value computed from its index.
+* maps read the view as rows, threads along a row and blocks down the rows.
 
 Numerics as on the CPU (DESIGN.md §3): float64 arithmetic, statistics of ``x − s`` with ``s`` one
 value of the channel; each thread keeps a Welford accumulator, a block merges its threads' with Chan
@@ -269,29 +269,56 @@ def _product(a, b, out):
         out[c] = a[c] * b[c]
 
 
-# -- elementwise maps over the flat array ------------------------------------------------------
+# -- elementwise maps, over the view as rows ----------------------------------------------------
+#
+# The maps see the view as a 2-D array: ``(outer·C, inner)`` rows of one channel each (planar) or
+# ``(outer, C)`` rows of every channel (rows). Threads run along a row (coalesced), blocks down the
+# rows, so the channel of a value costs one integer modulo per row, not a division per value.
 
 
 @cuda.jit
-def _affine(x, y, inner, channels, shift, scale, bias):
-    k = cuda.grid(1)
-    step = cuda.gridsize(1)
-    k = int64(k)
-    while k < x.size:
-        c = (k // inner) % channels
-        y[k] = scale[c] * (float64(x[k]) - shift[c]) + bias[c]
-        k += step
+def _affine(x, y, channels, planar, shift, scale, bias):
+    rows, width = x.shape
+    first = int64(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
+    step = int64(cuda.gridDim.x) * cuda.blockDim.x
+    r = int64(cuda.blockIdx.y)
+    while r < rows:
+        row_channel = r % channels
+        w = first
+        while w < width:
+            c = row_channel if planar else w
+            y[r, w] = scale[c] * (float64(x[r, w]) - shift[c]) + bias[c]
+            w += step
+        r += cuda.gridDim.y
 
 
 @cuda.jit
-def _grad_map(dy, x, dx, inner, channels, mean, p, q, r):
-    k = cuda.grid(1)
-    step = cuda.gridsize(1)
-    k = int64(k)
-    while k < x.size:
-        c = (k // inner) % channels
-        dx[k] = p[c] * float64(dy[k]) + q[c] * (float64(x[k]) - mean[c]) + r[c]
-        k += step
+def _grad_map(dy, x, dx, channels, planar, mean, p, q, r):
+    rows, width = x.shape
+    first = int64(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
+    step = int64(cuda.gridDim.x) * cuda.blockDim.x
+    row = int64(cuda.blockIdx.y)
+    while row < rows:
+        row_channel = row % channels
+        w = first
+        while w < width:
+            c = row_channel if planar else w
+            dx[row, w] = p[c] * float64(dy[row, w]) + q[c] * (float64(x[row, w]) - mean[c]) + r[c]
+            w += step
+        row += cuda.gridDim.y
+
+
+def _as_rows(a3):
+    """``(rows, planar)``: the view as the maps read it."""
+    outer, channels, inner = a3.shape
+    if inner > 1:
+        return a3.reshape(outer * channels, inner), True
+    return a3.reshape(outer, channels), False
+
+
+def _map_launch(rows):
+    height, width = rows.shape
+    return (max(1, min(-(-width // THREADS), 1024)), max(1, min(height, MAX_GRID_Y))), THREADS
 
 
 # -- the steps, as the API calls them ---------------------------------------------------------
@@ -383,9 +410,8 @@ def grad_sums(dy3, x3, mean):
 
 def affine(x3, y3, shift, scale, bias):
     """``y = scale·(x − shift) + bias`` per channel, written into ``y3``."""
-    outer, channels, inner = x3.shape
-    _affine[_grid(x3.size)](x3.reshape(x3.size), y3.reshape(y3.size), inner, channels, shift,
-                             scale, bias)
+    x, planar = _as_rows(x3)
+    _affine[_map_launch(x)](x, _as_rows(y3)[0], x3.shape[1], planar, shift, scale, bias)
 
 
 def normalize(x3, y3, gamma, beta, eps):
@@ -422,8 +448,9 @@ def normalize_backward(dy3, x3, dx3, mean, invstd, gamma, training):
     _backward_maps[_grid(channels)](sum_dy, sum_dy_xmu, float(outer * inner), gamma, invstd,
                                     p, q, r)
     if training:
-        _grad_map[_grid(x3.size)](dy3.reshape(dy3.size), x3.reshape(x3.size),
-                                  dx3.reshape(dx3.size), inner, channels, mean, p, q, r)
+        x, planar = _as_rows(x3)
+        _grad_map[_map_launch(x)](_as_rows(dy3)[0], x, _as_rows(dx3)[0], channels, planar, mean,
+                                  p, q, r)
     else:
         zeros = cuda.to_device(np.zeros(channels))
         affine(dy3, dx3, zeros, p, zeros)
