@@ -23,6 +23,8 @@ def pytest_addoption(parser):
     group = parser.getgroup("fastbn benchmarks")
     group.addoption("--bench-dtype", choices=["float32", "float64"], default="float32",
                     help="dtype of the benchmarked tensors (default float32)")
+    group.addoption("--bench-device", choices=["cpu", "cuda"], default="cpu",
+                    help="where the tensors live and fastbn and PyTorch compute (default cpu)")
     group.addoption("--bench-quick", action="store_true",
                     help="time each layout's small test shape instead of its benchmark shapes "
                          "(a smoke test of the suite: seconds)")
@@ -33,6 +35,10 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         layer = numba.threading_layer()
     except ValueError:  # no parallel kernel has run yet
         layer = None
+    if config.getoption("bench_device") == "cuda":
+        from numba import cuda
+        name = cuda.get_current_device().name
+        machine_info["gpu"] = name.decode() if isinstance(name, bytes) else str(name)
     machine_info.update(
         fastbn=fastbn.__version__, numpy=np.__version__, numba=numba.__version__,
         torch=torch.__version__ if torch is not None else None,

@@ -1,8 +1,10 @@
-"""fastbn against plain NumPy, PyTorch CPU and a memcpy of the same tensor.
+"""fastbn against plain NumPy, PyTorch and a memcpy of the same tensor, on the CPU or the GPU.
 
 One benchmark per op × layout × shape × implementation, grouped ``op|layout|shape``, the shapes
 from ``fastbn.cases.LAYOUTS``. Each benchmark calls its implementation once (the warm-up), checks
-that result against NumPy in float64, and only then times it. See README.md.
+that result against NumPy in float64, and only then times it. With ``--bench-device cuda`` the
+tensors live on the GPU, PyTorch runs on CUDA (cuDNN), memcpy is a device-to-device copy, plain
+NumPy is left out, and every timed call ends with a device synchronization. See README.md.
 """
 import numba
 import numpy as np
@@ -18,7 +20,7 @@ except ImportError:
     TorchBatchNorm = None
 
 OPS = ("train fwd", "eval fwd", "train bwd")
-IMPLS = ("fastbn", "numpy", "torch", "memcpy")
+IMPLS = {"cpu": ("fastbn", "numpy", "torch", "memcpy"), "cuda": ("fastbn", "torch", "memcpy")}
 MOMENTUM, EPS = 0.1, 1e-5
 # Largest error allowed against the float64 reference, as max|actual - reference| over
 # max(1, max|reference|): float32 sums over millions of values lose a few digits.
@@ -32,20 +34,23 @@ def shape_name(shape):
 def pytest_generate_tests(metafunc):
     # Ops and implementations vary fastest, so one shape's tensors serve all of their benchmarks.
     quick = metafunc.config.getoption("bench_quick")
+    device = metafunc.config.getoption("bench_device")
     metafunc.parametrize("layout,shape,op,impl", [
         pytest.param(layout, shape, op, impl,
                      id=f"{op.replace(' ', '_')}-{layout.name}-{shape_name(shape)}-{impl}")
         for layout in LAYOUTS
-        for shape in ((layout.small,) if quick else layout.bench)
+        for shape in ((layout.small,) if quick else
+                      layout.bench + (layout.gpu_bench if device == "cuda" else ()))
         for op in OPS
-        for impl in IMPLS])
+        for impl in IMPLS[device]])
 
 
 class Case:
     """The tensors of one layout and shape, and the float64 NumPy reference of each op."""
 
-    def __init__(self, layout, shape, dtype):
+    def __init__(self, layout, shape, dtype, device):
         rng = np.random.default_rng(0)
+        self.device = device
         channels = shape[layout.axis]
         self.axis = layout.axis
         self.x = rng.standard_normal(shape, dtype)
@@ -58,17 +63,39 @@ class Case:
         self.running_var = rng.uniform(3.0, 5.0, channels).astype(dtype)
         self.out = np.empty_like(self.x)
         self._reference = None, None
+        self.host = {name: getattr(self, name) for name in
+                     ("x", "dy", "gamma", "beta", "running_mean", "running_var")}
+        if device == "cuda":  # the implementations' arrays live on the GPU
+            from numba import cuda
+            for name, a in self.host.items():
+                setattr(self, name, cuda.to_device(a))
+            self.out = cuda.device_array_like(self.x)
 
     def running(self):
         """Fresh copies of the running statistics, for an implementation that updates them."""
-        return self.running_mean.copy(), self.running_var.copy()
+        copies = self.host["running_mean"].copy(), self.host["running_var"].copy()
+        if self.device == "cuda":
+            from numba import cuda
+            return tuple(cuda.to_device(a) for a in copies)
+        return copies
+
+    def synchronized(self, call):
+        """``call``, ending with a device synchronization on the GPU (so that timing is real)."""
+        if self.device != "cuda":
+            return call
+        from numba import cuda
+
+        def run():
+            result = call()
+            cuda.synchronize()  # the whole device: PyTorch's kernels too
+            return result
+        return run
 
     def reference(self, op):
         """The outputs of ``op``, computed by NumPy in float64."""
         if self._reference[0] != op:
             self._reference = None, None  # free the last op's before computing this one's
-            x, dy, gamma, beta, mean, var = (a.astype(np.float64) for a in (
-                self.x, self.dy, self.gamma, self.beta, self.running_mean, self.running_var))
+            x, dy, gamma, beta, mean, var = (a.astype(np.float64) for a in self.host.values())
             if op == "train fwd":
                 outputs = _naive.forward(x, gamma, beta, self.axis, True, eps=EPS)[:1]
             elif op == "eval fwd":
@@ -84,13 +111,14 @@ class Case:
 def cases(request):
     """``cases(layout, shape)``: that shape's Case, built once; only the latest one is kept."""
     dtype = np.dtype(request.config.getoption("bench_dtype"))
+    device = request.config.getoption("bench_device")
     current = {}
 
     def get(layout, shape):
         key = layout.name, shape
         if key not in current:
             current.clear()  # free the last shape's tensors (up to a few hundred MB each) first
-            current[key] = Case(layout, shape, dtype)
+            current[key] = Case(layout, shape, dtype, device)
         return current[key]
 
     yield get
@@ -129,15 +157,25 @@ def _numpy(case, op):
 def _torch(case, op):
     if TorchBatchNorm is None:
         pytest.skip('PyTorch is not installed (pip install -e ".[bench]")')
+    if case.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            pytest.skip("this PyTorch has no CUDA")
     bn = TorchBatchNorm(case.x, case.dy, case.gamma, case.beta, case.axis, *case.running(),
                         momentum=MOMENTUM, eps=EPS)
-    call = {"train fwd": bn.train_forward, "eval fwd": bn.eval_forward,
+    case.to_numpy = bn.numpy  # PyTorch's results as arrays in x's layout, for the check
+    return {"train fwd": bn.train_forward, "eval fwd": bn.eval_forward,
             "train bwd": bn.train_backward}[op]
-    return lambda: tuple(map(bn.numpy, _as_tuple(call())))
 
 
 def _memcpy(case, op):
+    if case.device == "cuda":
+        return lambda: case.out.copy_to_device(case.x)  # device to device
     return lambda: np.copyto(case.out, case.x)
+
+
+def _on_host(a):
+    return a.copy_to_host() if hasattr(a, "copy_to_host") else a
 
 
 def _as_tuple(result):
@@ -150,11 +188,11 @@ IMPLEMENTATIONS = {"fastbn": _fastbn, "numpy": _numpy, "torch": _torch, "memcpy"
 def _check(result, case, op, impl):
     """Fail, with the error found, unless ``result`` agrees with the float64 reference."""
     if impl == "memcpy":
-        if not np.array_equal(case.out, case.x):
+        if not np.array_equal(_on_host(case.out), case.host["x"]):
             pytest.fail("memcpy: the copy differs from x; not timed", pytrace=False)
         return
-    outputs = _as_tuple(result)
-    tolerance = TOLERANCE[case.x.dtype]
+    outputs = [case.to_numpy(a) if impl == "torch" else _on_host(a) for a in _as_tuple(result)]
+    tolerance = TOLERANCE[case.host['x'].dtype]
     names = ("y",) if op.endswith("fwd") else ("dx", "dgamma", "dbeta")
     for name, actual, expected in zip(names, outputs, case.reference(op), strict=True):
         if actual.shape != expected.shape:
@@ -176,7 +214,7 @@ def _rounds(nbytes, impl):
 
 def test_bench(benchmark, cases, layout, shape, op, impl):
     case = cases(layout, shape)
-    call = IMPLEMENTATIONS[impl](case, op)
+    call = case.synchronized(IMPLEMENTATIONS[impl](case, op))
     # The warm-up: the first call compiles fastbn's Numba kernels, or loads them from the on-disk
     # cache that fastbn keeps, and touches every page of the output.
     result = call()
@@ -187,5 +225,5 @@ def test_bench(benchmark, cases, layout, shape, op, impl):
     benchmark.group = f"{op}|{layout.name}|{shape_name(shape)}"
     benchmark.extra_info.update(op=op, layout=layout.name, shape=shape_name(shape),
                                 dtype=str(case.x.dtype), impl=impl, bytes=nbytes,
-                                threads=numba.get_num_threads())
+                                device=case.device, threads=numba.get_num_threads())
     benchmark.pedantic(call, rounds=_rounds(nbytes, impl), warmup_rounds=1, iterations=1)

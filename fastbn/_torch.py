@@ -1,10 +1,16 @@
-"""PyTorch's CPU batch norm on the same NumPy arrays, the comparison of the benchmarks.
+"""PyTorch's batch norm on the same arrays (NumPy, or CUDA ones), the comparison of the benchmarks.
 
 Imported only by ``bench/`` and ``python -m fastbn``, and only where torch is installed: it is not
 a dependency of fastbn.
 """
 import numba
+import numpy as np
 import torch
+
+
+def _tensor(a):
+    """A tensor sharing ``a``'s memory: a NumPy array on the CPU, a CUDA array on its GPU."""
+    return torch.from_numpy(a) if isinstance(a, np.ndarray) else torch.as_tensor(a, device="cuda")
 
 
 class TorchBatchNorm:
@@ -19,15 +25,15 @@ class TorchBatchNorm:
                  momentum=0.1, eps=1e-5):
         torch.set_num_threads(numba.get_num_threads())
         self.axis = axis
-        self.x = torch.from_numpy(x).movedim(axis, 1)
-        self.dy = torch.from_numpy(dy).movedim(axis, 1)
-        self.gamma = torch.from_numpy(gamma)
-        self.beta = torch.from_numpy(beta)
+        self.x = _tensor(x).movedim(axis, 1)
+        self.dy = _tensor(dy).movedim(axis, 1)
+        self.gamma = _tensor(gamma)
+        self.beta = _tensor(beta)
         channels = gamma.shape[0]
-        self.running_mean = torch.zeros(channels, dtype=self.x.dtype) if running_mean is None \
-            else torch.from_numpy(running_mean.copy())
-        self.running_var = torch.ones(channels, dtype=self.x.dtype) if running_var is None \
-            else torch.from_numpy(running_var.copy())
+        self.running_mean = torch.zeros(channels, dtype=self.x.dtype, device=self.x.device) \
+            if running_mean is None else _tensor(running_mean).clone()
+        self.running_var = torch.ones(channels, dtype=self.x.dtype, device=self.x.device) \
+            if running_var is None else _tensor(running_var).clone()
         self.momentum, self.eps = momentum, eps
         _, self.mean, self.invstd = torch.ops.aten.native_batch_norm(
             self.x, self.gamma, self.beta, None, None, True, momentum, eps)  # leaves running stats
@@ -53,4 +59,4 @@ class TorchBatchNorm:
 
     def numpy(self, t):
         """A result as a NumPy array in x's layout (a view)."""
-        return (t.movedim(1, self.axis) if t.ndim == self.x.ndim else t).numpy()
+        return (t.movedim(1, self.axis) if t.ndim == self.x.ndim else t).cpu().numpy()

@@ -90,6 +90,13 @@ def test_device_cuda_with_numpy_arrays_returns_numpy(layout, rng):
     assert dgamma.dtype == gamma.dtype
 
 
+def test_device_cuda_copies_a_non_contiguous_host_array(rng):
+    x = make_case(rng, (6, 5, 4, 3), 1, np.float64)[0]
+    view = x.transpose(0, 3, 1, 2)[:, :, ::2]  # gaps and a permutation
+    y, _ = fastbn.forward(view, axis=2, device="cuda")
+    assert_close(y, reference.forward(np.ascontiguousarray(view), axis=2)[0], 1e-10, "y")
+
+
 def test_large_offset_and_constant_channel(rng):
     shape, axis = (3, 4, 25), 1
     x, _, gamma, beta, _, _ = make_case(rng, shape, axis, np.float64,

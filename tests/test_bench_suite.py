@@ -57,7 +57,7 @@ def test_check_rejects_a_wrong_result(op):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     layout = LAYOUTS[0]
-    case = bench.Case(layout, layout.small, np.float32)
+    case = bench.Case(layout, layout.small, np.float32, "cpu")
     result = bench._numpy(case, op)()
     bench._check(result, case, op, "numpy")
 

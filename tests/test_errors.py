@@ -245,10 +245,29 @@ def test_forward_bad_device(device, rng):
     check_raises(ValueError, "device", [], *args, **kw)
 
 
-def test_forward_cuda_device_unavailable(rng):
-    assert fastbn.cuda_available() is False  # no CUDA support yet: device="cuda" must refuse
+@pytest.fixture
+def no_gpu(monkeypatch):
+    """A machine without a usable CUDA GPU, wherever the tests run."""
+    import fastbn._api
+    monkeypatch.setattr(fastbn._api, "cuda_available", lambda: False)
+
+
+def test_forward_cuda_device_unavailable(rng, no_gpu):
     args, kw = call_forward(fwd_kwargs(rng, device="cuda"))
-    check_raises(RuntimeError, "(?i)cuda", [], *args, **kw)
+    check_raises(RuntimeError, r'pip install "fastbn\[cuda\]"', [], *args, **kw)
+
+
+def test_forward_cuda_by_environment_unavailable(rng, no_gpu, monkeypatch):
+    monkeypatch.setenv("FASTBN_DEVICE", "cuda")
+    args, kw = call_forward(fwd_kwargs(rng))
+    check_raises(RuntimeError, "FASTBN_DEVICE", [], *args, **kw)
+
+
+@pytest.mark.parametrize("value", ["gpu", "CUDA", "cuda:0"])
+def test_forward_bad_device_in_environment(value, rng, monkeypatch):
+    monkeypatch.setenv("FASTBN_DEVICE", value)
+    args, kw = call_forward(fwd_kwargs(rng))
+    check_raises(ValueError, "FASTBN_DEVICE", [], *args, **kw)
 
 
 # ---------------------------------------------------------------- backward
@@ -366,10 +385,9 @@ def test_backward_bad_device(device, rng):
     check_raises(ValueError, "device", [], *args, **kw)
 
 
-def test_backward_cuda_device_unavailable(rng):
-    assert fastbn.cuda_available() is False
+def test_backward_cuda_device_unavailable(rng, no_gpu):
     args, kw = call_backward(bwd_kwargs(rng, device="cuda"))
-    check_raises(RuntimeError, "(?i)cuda", [], *args, **kw)
+    check_raises(RuntimeError, r'pip install "fastbn\[cuda\]"', [], *args, **kw)
 
 
 @pytest.mark.parametrize("training", ["no", None, 1, np.array([True, False])])
