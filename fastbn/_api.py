@@ -51,8 +51,12 @@ def _is_cuda_array(a):
     Numba), or it is an array of Numba's CUDA simulator, which the tests run the GPU path on."""
     if isinstance(a, np.ndarray):
         return False
-    return (hasattr(a, "__cuda_array_interface__")
-            or type(a).__module__.startswith("numba.cuda.simulator"))
+    try:
+        exposed = hasattr(a, "__cuda_array_interface__")
+    except RuntimeError as error:  # PyTorch refuses it for a tensor that requires grad
+        raise TypeError(f"a CUDA tensor that requires grad was given; pass tensor.detach() "
+                        f"({error})") from None
+    return exposed or type(a).__module__.startswith("numba.cuda.simulator")
 
 
 def _device_view(a):
@@ -151,12 +155,12 @@ def _of_x(x, axis):
 
 def _running(name, a, x, axis, updated, gpu=False):
     if gpu and _is_cuda_array(a):
-        a = _device_view(a)
-        if a.dtype.kind != "f":
-            raise TypeError(f"{name} must be a floating-point array, got dtype {a.dtype} "
-                            f"(shape {a.shape})")
-        _check_channels(name, a, x.shape[axis], _of_x(x, axis))
-        if updated and _interface(a)["data"][1]:
+        view = _device_view(a)
+        if view.dtype.kind != "f":
+            raise TypeError(f"{name} must be a floating-point array, got dtype {view.dtype} "
+                            f"(shape {view.shape})")
+        _check_channels(name, view, x.shape[axis], _of_x(x, axis))
+        if updated and _interface(a)["data"][1]:  # the array's own flag (views say writable)
             raise ValueError(f"{name} (shape {a.shape}) is read-only, but training updates it "
                              f"in place")
         return
@@ -176,15 +180,21 @@ def _flag(name, value):
 
 
 def _byte_range(a):
-    """``[low, high)`` of the bytes a (NumPy or CUDA) array may touch."""
-    low = high = _interface(a)["data"][0]
-    strides = a.strides or ()
-    for n, stride in zip(a.shape, strides):
+    """``[low, high)`` of the bytes a (NumPy or CUDA) array may touch, from its interface."""
+    interface = _interface(a)
+    shape = tuple(interface["shape"])
+    itemsize = np.dtype(interface["typestr"]).itemsize
+    strides = interface.get("strides") or tuple(  # None: C-contiguous
+        itemsize * math.prod(shape[k + 1:]) for k in range(len(shape)))
+    low = high = interface["data"][0]
+    for n, stride in zip(shape, strides):
         if n == 0:
             return low, low
-        (low, high) = (low, high + (n - 1) * stride) if stride > 0 else \
-            (low + (n - 1) * stride, high)
-    return low, high + a.dtype.itemsize
+        if stride > 0:
+            high += (n - 1) * stride
+        else:
+            low += (n - 1) * stride
+    return low, high + itemsize
 
 
 def _overlaps(a, b):
@@ -218,7 +228,7 @@ def _check_out(out, like, **inputs):
         if view.shape == like.shape and not view.is_c_contiguous():
             raise ValueError(f"out (shape {view.shape}, strides {view.strides}) must be "
                              f"C-contiguous on the GPU")
-        if _interface(view)["data"][1]:
+        if _interface(out)["data"][1]:  # the array's own flag (views say writable)
             raise ValueError(f"out is read-only (shape {view.shape})")
         out = view
     elif not isinstance(out, np.ndarray):
@@ -232,6 +242,7 @@ def _check_out(out, like, **inputs):
         raise ValueError(f"out is read-only (shape {out.shape})")
     for name, a in inputs.items():
         same = lambda: _byte_range(out) == _byte_range(a) and out.strides == a.strides  # noqa: E731
+        # (``out`` and the inputs here are NumPy arrays or Numba device views, with .strides)
         if _overlaps(out, a) and not same():
             raise ValueError(f"out (shape {out.shape}, strides {out.strides}) partly overlaps "
                              f"{name} (strides {a.strides}); it may be {name} itself, or separate")
@@ -311,6 +322,9 @@ def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=Non
     if running_mean is not None:
         _running("running_mean", running_mean, x, axis, training, gpu)
         _running("running_var", running_var, x, axis, training, gpu)
+        if _is_cuda_array(running_mean) != _is_cuda_array(running_var):
+            raise TypeError("running_mean and running_var must live in the same place: both "
+                            "CUDA arrays or both NumPy arrays")
     _check_out(out, x, x=x)
     if training and running_mean is not None:
         # Written in place after y: they must not share memory with what else is read or written.
@@ -409,6 +423,9 @@ def backward(dy, x, stats, gamma=None, *, axis=1, training=True, out=None, devic
     gamma = _per_channel("gamma", gamma, channels, where, gpu)
     _check_out(out, x, x=x, dy=dy)
     if gpu:
+        if grad_dtype not in _DATA_DTYPES:
+            raise TypeError(f"on the GPU, gamma must be float32 or float64 (dgamma and dbeta "
+                            f"take its dtype), got {grad_dtype}")
         return _cuda_backward(dy, x, mean, invstd, gamma, grad_dtype, axis, training, out)
 
     view = ChannelView(x, axis)

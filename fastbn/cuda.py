@@ -32,9 +32,17 @@ CHUNK = 1 << 15  # planar: values of one channel a block reduces (more when a ch
 SEGMENT = 1 << 10  # rows: rows a block reduces (more when there are very many rows)
 MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y, which counts the pieces of a channel
 
-# The per-channel formulas are the CPU's, compiled for the device: one definition for both.
-_forward_coefficients = cuda.jit(device=True)(cpu._forward_coefficients)
+# The per-channel formulas are the CPU's, compiled for the device. numba.cuda has no np.sqrt, so
+# the forward one is restated with math.sqrt (the same correctly rounded operation).
 _backward_coefficients = cuda.jit(device=True)(cpu._backward_coefficients)
+
+
+@cuda.jit(device=True)
+def _forward_coefficients(m2, count, gamma, beta, delta, eps):
+    """cpu._forward_coefficients: ``(invstd, a, b)`` of ``y = a·(x − s) + b``, δ = μ − s."""
+    invstd = 1.0 / math.sqrt(m2 / count + eps)
+    a = gamma * invstd
+    return invstd, a, beta - a * delta
 
 
 @cuda.jit(device=True)
@@ -101,10 +109,15 @@ def _kernels(threads, columns):
         s = shift[c]
         n = mean = m2 = 0.0
         k = start + t
+        o = k // inner  # the run and the place in it, then stepped without a division
+        i = k - o * inner
         while k < stop:
-            o = k // inner
-            n, mean, m2 = _welford(n, mean, m2, float64(x[o, c, k - o * inner]) - s)
+            n, mean, m2 = _welford(n, mean, m2, float64(x[o, c, i]) - s)
             k += threads
+            i += threads
+            while i >= inner:
+                i -= inner
+                o += 1
         sn = cuda.shared.array(threads, float64)
         smean = cuda.shared.array(threads, float64)
         sm2 = cuda.shared.array(threads, float64)
@@ -146,13 +159,17 @@ def _kernels(threads, columns):
         m = mean[c]
         a = b = 0.0
         k = start + t
+        o = k // inner
+        i = k - o * inner
         while k < stop:
-            o = k // inner
-            i = k - o * inner
             g = float64(dy[o, c, i])
             a += g
             b += g * (float64(x[o, c, i]) - m)
             k += threads
+            i += threads
+            while i >= inner:
+                i -= inner
+                o += 1
         sa = cuda.shared.array(threads, float64)
         sb = cuda.shared.array(threads, float64)
         a, b = add_sums(a, b, sa, sb, t, 1)
@@ -325,7 +342,8 @@ def _map_launch(rows):
 
 
 def _grid(n):
-    return max(1, min(-(-n // THREADS), 65535 * 32)), THREADS
+    """Launch configuration of a per-channel kernel: a thread per channel."""
+    return max(1, -(-n // THREADS)), THREADS
 
 
 def per_channel(values, channels, fill=None):

@@ -174,4 +174,11 @@ def test_errors(rng):
     rm = cuda.to_device(np.zeros(3))
     with pytest.raises(ValueError, match="running_mean and running_var go together"):
         fastbn.forward(xd, running_mean=rm)
-    assert np.all(rm.copy_to_host() == 0)
+    rv = np.ones(3)
+    out = cuda.device_array_like(xd)
+    with pytest.raises(TypeError, match="same place"):
+        fastbn.forward(xd, running_mean=rm, running_var=rv, out=out)
+    assert np.all(rm.copy_to_host() == 0) and np.all(rv == 1)
+    stats = fastbn.forward(xd)[1]
+    with pytest.raises(TypeError, match="float32 or float64"):
+        fastbn.backward(xd, xd, stats, np.ones(3, np.longdouble), out=out)
