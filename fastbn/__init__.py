@@ -6,6 +6,8 @@
 >>> dx, dgamma, dbeta = fastbn.backward(np.ones_like(y), x, stats)
 """
 from ._api import BatchStats, backward, cuda_available, fold, forward, inference_affine
+from .layers import BatchNorm
 
-__all__ = ["BatchStats", "backward", "cuda_available", "fold", "forward", "inference_affine"]
+__all__ = ["BatchNorm", "BatchStats", "backward", "cuda_available", "fold", "forward",
+           "inference_affine"]
 __version__ = "0.1.0"

@@ -1,0 +1,135 @@
+"""fastbn.BatchNorm: step for step against the float64 reference and torch.nn.BatchNorm*d."""
+import numpy as np
+import pytest
+
+import fastbn
+
+import reference
+from _util import assert_close, make_x
+
+SHAPES = [((16, 5), 1), ((6, 4, 7), 1), ((4, 3, 5, 6), 1), ((4, 5, 6, 3), -1)]
+STEPS = 4
+
+
+def _sgd(layer, lr=0.1):
+    for name, p in layer.params().items():
+        p -= lr * layer.grads()[name]
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+@pytest.mark.parametrize("shape,axis", SHAPES, ids=[str(s) for s, _ in SHAPES])
+def test_training_steps_then_eval_against_reference(shape, axis, momentum, rng):
+    c = shape[axis]
+    bn = fastbn.BatchNorm(c, axis=axis, momentum=momentum, dtype=np.float64)
+    gamma, beta = np.ones(c), np.zeros(c)
+    rm, rv = np.zeros(c), np.ones(c)
+    for step in range(1, STEPS + 1):
+        x = make_x(rng, shape, axis, np.float64, offset=rng.uniform(-3, 3, c))
+        dy = rng.standard_normal(shape)
+        weight = 0.1 if momentum is not None else 1.0 / step
+        ry, mean, invstd, rm, rv = reference.forward(x, gamma, beta, axis, True, rm, rv, weight)
+        assert_close(bn(x), ry, 1e-10, f"y, step {step}")
+        rdx, rdgamma, rdbeta = reference.backward(dy, x, mean, invstd, gamma, axis)
+        assert_close(bn.backward(dy), rdx, 1e-10, f"dx, step {step}")
+        assert_close(bn.grads()["gamma"], rdgamma, 1e-10, "dgamma")
+        assert_close(bn.grads()["beta"], rdbeta, 1e-10, "dbeta")
+        _sgd(bn)
+        gamma, beta = gamma - 0.1 * rdgamma, beta - 0.1 * rdbeta
+        assert_close(bn.running_mean, rm, 1e-10, "running_mean")
+        assert_close(bn.running_var, rv, 1e-10, "running_var")
+    assert bn.num_batches_tracked == STEPS
+    x = make_x(rng, shape, axis, np.float64)
+    assert bn.eval() is bn and not bn.training
+    ry, mean, invstd, _, _ = reference.forward(x, gamma, beta, axis, False, rm, rv)
+    assert_close(bn(x), ry, 1e-10, "eval y")
+    dy = rng.standard_normal(shape)
+    assert_close(bn.backward(dy), reference.backward(dy, x, mean, invstd, gamma, axis,
+                                                     False)[0], 1e-10, "eval dx")
+    assert bn.num_batches_tracked == STEPS  # eval leaves the running statistics alone
+    assert_close(bn.running_mean, rm, 1e-10, "running_mean after eval")
+
+
+def test_without_affine_and_without_running_statistics(rng):
+    bn = fastbn.BatchNorm(3, affine=False, track_running_stats=False, dtype=np.float64)
+    assert bn.params() == {} and bn.gamma is None and bn.running_mean is None
+    x = make_x(rng, (5, 3, 4), 1, np.float64)
+    bn.eval()  # no running statistics: batch statistics in eval mode too
+    assert_close(bn(x), reference.forward(x)[0], 1e-10, "y")
+    assert bn.num_batches_tracked is None
+
+
+def test_backward_before_forward_is_an_error():
+    with pytest.raises(RuntimeError, match="forward first"):
+        fastbn.BatchNorm(3).backward(np.zeros((2, 3), np.float32))
+
+
+@pytest.mark.parametrize("kwargs", [dict(num_features=0), dict(num_features=2.5),
+                                    dict(num_features=3, momentum=1.5),
+                                    dict(num_features=3, eps=0.0),
+                                    dict(num_features=3, dtype=np.int32)])
+def test_bad_construction(kwargs):
+    with pytest.raises((TypeError, ValueError)):
+        fastbn.BatchNorm(**kwargs)
+
+
+def test_failed_forward_changes_nothing(rng):
+    bn = fastbn.BatchNorm(3)
+    state = bn.state_dict()
+    with pytest.raises(ValueError):
+        bn(np.ones((4, 5), np.float32))  # 5 channels, not 3
+    after = bn.state_dict()
+    assert all(np.array_equal(state[k], after[k]) for k in state)
+
+
+def test_state_dict_round_trip_and_errors(rng):
+    bn = fastbn.BatchNorm(4, dtype=np.float64)
+    for _ in range(3):
+        bn(make_x(rng, (8, 4), 1, np.float64, offset=2.0))
+    bn.gamma[:] = rng.uniform(0.5, 2, 4)
+    state = bn.state_dict()
+    assert set(state) == {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+    other = fastbn.BatchNorm(4, dtype=np.float64)
+    other.load_state_dict(state)
+    loaded = other.state_dict()
+    assert all(np.array_equal(state[k], loaded[k]) for k in state)
+
+    fresh = fastbn.BatchNorm(4, dtype=np.float64)
+    before = fresh.state_dict()
+    bad_shape = dict(state, running_var=np.ones(5))
+    missing = {k: v for k, v in state.items() if k != "bias"}
+    for bad in (bad_shape, missing, dict(state, extra=np.ones(4))):
+        with pytest.raises(ValueError):
+            fresh.load_state_dict(bad)
+        now = fresh.state_dict()
+        assert all(np.array_equal(before[k], now[k]) for k in before), "left as it was"
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("shape,axis", SHAPES, ids=[str(s) for s, _ in SHAPES])
+def test_matches_torch_step_for_step(shape, axis, momentum, rng):
+    torch = pytest.importorskip("torch")
+    c = shape[axis]
+    ndim = len(shape)
+    module = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d}[ndim]
+    tbn = module(c, momentum=momentum, dtype=torch.float64)
+    bn = fastbn.BatchNorm(c, axis=axis, momentum=momentum, dtype=np.float64)
+    bn.load_state_dict({k: v.detach().numpy() for k, v in tbn.state_dict().items()})
+    opt = torch.optim.SGD(tbn.parameters(), lr=0.1)
+    for step in range(STEPS):
+        x = make_x(rng, shape, axis, np.float64, offset=rng.uniform(-3, 3, c))
+        dy = rng.standard_normal(shape)
+        tx = torch.from_numpy(np.moveaxis(x, axis, 1).copy()).requires_grad_()
+        ty = tbn(tx)
+        ty.backward(torch.from_numpy(np.moveaxis(dy, axis, 1).copy()))
+        assert_close(bn(x), np.moveaxis(ty.detach().numpy(), 1, axis), 1e-10, "y")
+        assert_close(bn.backward(dy), np.moveaxis(tx.grad.numpy(), 1, axis), 1e-10, "dx")
+        opt.step()
+        opt.zero_grad()
+        _sgd(bn)
+        for key, value in tbn.state_dict().items():
+            assert_close(bn.state_dict()[key], value.numpy(), 1e-10, key)
+    tbn.eval()
+    bn.eval()
+    x = make_x(rng, shape, axis, np.float64)
+    ty = tbn(torch.from_numpy(np.moveaxis(x, axis, 1).copy()))
+    assert_close(bn(x), np.moveaxis(ty.detach().numpy(), 1, axis), 1e-10, "eval y")
