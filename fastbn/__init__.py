@@ -6,8 +6,8 @@
 >>> dx, dgamma, dbeta = fastbn.backward(np.ones_like(y), x, stats)
 """
 from ._api import BatchStats, backward, cuda_available, fold, forward, inference_affine
-from .layers import BatchNorm
+from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 
-__all__ = ["BatchNorm", "BatchStats", "backward", "cuda_available", "fold", "forward",
-           "inference_affine"]
+__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchStats", "backward",
+           "cuda_available", "fold", "forward", "inference_affine"]
 __version__ = "0.1.0"

@@ -171,3 +171,34 @@ class BatchNorm:
             self.num_batches_tracked = int(count.reshape(()))
         for name, target in arrays.items():
             target[...] = values[name]
+
+
+class _FixedRank(BatchNorm):
+    """BatchNorm for inputs of the ranks PyTorch's class of the same name accepts."""
+
+    ranks = ()
+
+    def forward(self, x):
+        ndim = np.ndim(x)
+        if ndim not in self.ranks:
+            raise ValueError(f"{type(self).__name__} takes inputs of {' or '.join(map(str, self.ranks))} "
+                             f"dimensions, got shape {np.shape(x)}")
+        return super().forward(x)
+
+
+class BatchNorm1d(_FixedRank):
+    """``BatchNorm`` for N×C or N×C×L inputs, as ``torch.nn.BatchNorm1d``."""
+
+    ranks = (2, 3)
+
+
+class BatchNorm2d(_FixedRank):
+    """``BatchNorm`` for N×C×H×W inputs, as ``torch.nn.BatchNorm2d``."""
+
+    ranks = (4,)
+
+
+class BatchNorm3d(_FixedRank):
+    """``BatchNorm`` for N×C×D×H×W inputs, as ``torch.nn.BatchNorm3d``."""
+
+    ranks = (5,)

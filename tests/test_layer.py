@@ -7,7 +7,7 @@ import fastbn
 import reference
 from _util import assert_close, make_x
 
-SHAPES = [((16, 5), 1), ((6, 4, 7), 1), ((4, 3, 5, 6), 1), ((4, 5, 6, 3), -1)]
+SHAPES = [((16, 5), 1), ((6, 4, 7), 1), ((4, 3, 5, 6), 1), ((4, 5, 6, 3), -1), ((3, 2, 4, 5, 3), 1)]
 STEPS = 4
 
 
@@ -110,7 +110,8 @@ def test_matches_torch_step_for_step(shape, axis, momentum, rng):
     torch = pytest.importorskip("torch")
     c = shape[axis]
     ndim = len(shape)
-    module = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d}[ndim]
+    module = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
+              5: torch.nn.BatchNorm3d}[ndim]
     tbn = module(c, momentum=momentum, dtype=torch.float64)
     bn = fastbn.BatchNorm(c, axis=axis, momentum=momentum, dtype=np.float64)
     bn.load_state_dict({k: v.detach().numpy() for k, v in tbn.state_dict().items()})
@@ -133,3 +134,18 @@ def test_matches_torch_step_for_step(shape, axis, momentum, rng):
     x = make_x(rng, shape, axis, np.float64)
     ty = tbn(torch.from_numpy(np.moveaxis(x, axis, 1).copy()))
     assert_close(bn(x), np.moveaxis(ty.detach().numpy(), 1, axis), 1e-10, "eval y")
+
+
+@pytest.mark.parametrize("cls,good,bad", [
+    (fastbn.BatchNorm1d, [(8, 3), (8, 3, 5)], [(8, 3, 5, 5)]),
+    (fastbn.BatchNorm2d, [(8, 3, 5, 5)], [(8, 3), (8, 3, 2, 5, 5)]),
+    (fastbn.BatchNorm3d, [(8, 3, 2, 5, 5)], [(8, 3, 5, 5)]),
+])
+def test_fixed_rank_classes(cls, good, bad, rng):
+    bn = cls(3, dtype=np.float64)
+    for shape in good:
+        x = make_x(rng, shape, 1, np.float64)
+        assert_close(bn(x), reference.forward(x)[0], 1e-10, cls.__name__)
+    for shape in bad:
+        with pytest.raises(ValueError, match=cls.__name__):
+            bn(np.ones(shape))
