@@ -461,6 +461,14 @@ def _to_gpu(name, a):
     return a
 
 
+def _gpu_result(out, x, on_host):
+    """Where a GPU op writes its result of x's shape: ``out`` itself if it is a CUDA array."""
+    from numba import cuda
+    if out is not None and not on_host:
+        return _device_view(out)
+    return cuda.device_array(x.shape, x.dtype)
+
+
 def _to_host(result, out):
     """A device result as a host array (into ``out`` if given)."""
     if out is None:
@@ -477,8 +485,7 @@ def _cuda_forward(x, gamma, beta, axis, training, running_mean, running_var, mom
     shape3 = _view_shape(x.shape, axis)
     channels = shape3[1]
     xd = _to_gpu("x", x)
-    yd = _device_view(out) if out is not None and not on_host else \
-        cuda.device_array(x.shape, x.dtype)
+    yd = _gpu_result(out, x, on_host)
     x3, y3 = xd.reshape(shape3), yd.reshape(shape3)
     gamma = gpu.per_channel(gamma, channels, 1.0)
     beta = gpu.per_channel(beta, channels, 0.0)
@@ -510,8 +517,7 @@ def _cuda_backward(dy, x, mean, invstd, gamma, grad_dtype, axis, training, out):
     shape3 = _view_shape(x.shape, axis)
     channels = shape3[1]
     xd, dyd = _to_gpu("x", x), _to_gpu("dy", dy)
-    dxd = _device_view(out) if out is not None and not on_host else \
-        cuda.device_array(x.shape, x.dtype)
+    dxd = _gpu_result(out, x, on_host)
     mean = gpu.per_channel(mean, channels)
     invstd = gpu.per_channel(invstd, channels)
     gamma = gpu.per_channel(gamma, channels, 1.0)

@@ -98,26 +98,47 @@ def _kernels(threads, columns):
             stride //= 2
         return sa[t], sb[t]
 
-    @cuda.jit
-    def planar_moments(x, shift, chunk, counts, means, m2s):
+    @cuda.jit(device=True)
+    def planar_place(x, chunk):
+        """``(c, j, t, k, stop, o, i)``: a planar block's channel and chunk, the thread, its first
+        value ``k`` of the channel (run ``o``, place ``i``) and the chunk's end."""
         c = cuda.blockIdx.x
         j = int64(cuda.blockIdx.y)
         t = cuda.threadIdx.x
-        _, _, inner = x.shape
+        inner = x.shape[2]
         start = j * chunk
-        stop = min(start + chunk, int64(x.shape[0]) * inner)
+        k = start + t
+        o = k // inner
+        return c, j, t, k, min(start + chunk, int64(x.shape[0]) * inner), o, k - o * inner
+
+    @cuda.jit(device=True)
+    def planar_next(k, o, i, inner):
+        """The thread's next value, a block further on: the run and place stepped without a
+        division."""
+        i += threads
+        while i >= inner:
+            i -= inner
+            o += 1
+        return k + threads, o, i
+
+    @cuda.jit(device=True)
+    def rows_place(x, segment):
+        """``(tx, ty, t, c, g, r, stop)``: a rows block's thread (column ``tx``, lane ``ty``,
+        linear ``t``), its channel, the segment, its first row and the segment's end."""
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        g = int64(cuda.blockIdx.y)
+        return (tx, ty, ty * columns + tx, int64(cuda.blockIdx.x) * columns + tx, g,
+                g * segment + ty, min(g * segment + segment, x.shape[0]))
+
+    @cuda.jit
+    def planar_moments(x, shift, chunk, counts, means, m2s):
+        c, j, t, k, stop, o, i = planar_place(x, chunk)
         s = shift[c]
         n = mean = m2 = 0.0
-        k = start + t
-        o = k // inner  # the run and the place in it, then stepped without a division
-        i = k - o * inner
         while k < stop:
             n, mean, m2 = _welford(n, mean, m2, float64(x[o, c, i]) - s)
-            k += threads
-            i += threads
-            while i >= inner:
-                i -= inner
-                o += 1
+            k, o, i = planar_next(k, o, i, x.shape[2])
         sn = cuda.shared.array(threads, float64)
         smean = cuda.shared.array(threads, float64)
         sm2 = cuda.shared.array(threads, float64)
@@ -127,14 +148,8 @@ def _kernels(threads, columns):
 
     @cuda.jit
     def rows_moments(x, shift, segment, counts, means, m2s):
-        tx = cuda.threadIdx.x
-        ty = cuda.threadIdx.y
-        t = ty * columns + tx
-        c = int64(cuda.blockIdx.x) * columns + tx
-        g = int64(cuda.blockIdx.y)
-        rows, channels = x.shape
-        r = g * segment + ty
-        stop = min(g * segment + segment, rows)
+        tx, ty, t, c, g, r, stop = rows_place(x, segment)
+        channels = x.shape[1]
         n = mean = m2 = 0.0
         if c < channels:
             s = shift[c]
@@ -150,26 +165,14 @@ def _kernels(threads, columns):
 
     @cuda.jit
     def planar_grad_sums(dy, x, mean, chunk, sums_dy, sums_dy_xmu):
-        c = cuda.blockIdx.x
-        j = int64(cuda.blockIdx.y)
-        t = cuda.threadIdx.x
-        _, _, inner = x.shape
-        start = j * chunk
-        stop = min(start + chunk, int64(x.shape[0]) * inner)
+        c, j, t, k, stop, o, i = planar_place(x, chunk)
         m = mean[c]
         a = b = 0.0
-        k = start + t
-        o = k // inner
-        i = k - o * inner
         while k < stop:
             g = float64(dy[o, c, i])
             a += g
             b += g * (float64(x[o, c, i]) - m)
-            k += threads
-            i += threads
-            while i >= inner:
-                i -= inner
-                o += 1
+            k, o, i = planar_next(k, o, i, x.shape[2])
         sa = cuda.shared.array(threads, float64)
         sb = cuda.shared.array(threads, float64)
         a, b = add_sums(a, b, sa, sb, t, 1)
@@ -178,14 +181,8 @@ def _kernels(threads, columns):
 
     @cuda.jit
     def rows_grad_sums(dy, x, mean, segment, sums_dy, sums_dy_xmu):
-        tx = cuda.threadIdx.x
-        ty = cuda.threadIdx.y
-        t = ty * columns + tx
-        c = int64(cuda.blockIdx.x) * columns + tx
-        g = int64(cuda.blockIdx.y)
-        rows, channels = x.shape
-        r = g * segment + ty
-        stop = min(g * segment + segment, rows)
+        tx, ty, t, c, g, r, stop = rows_place(x, segment)
+        channels = x.shape[1]
         a = b = 0.0
         if c < channels:
             m = mean[c]
