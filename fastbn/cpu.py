@@ -27,6 +27,9 @@ The block sizes are read at call time, so tests can shrink them to run the multi
 small shapes.
 """
 import functools
+import os
+import threading
+import types
 
 import numba
 import numpy as np
@@ -53,6 +56,78 @@ _jit = dict(cache=True, nogil=True, error_model="numpy")
 # Helpers called only from compiled kernels get no Python wrapper: less to compile on a cold start.
 # (Calling one of them from Python would crash the interpreter.)
 _helper = dict(_jit, no_cpython_wrapper=True)
+
+
+# -- running the parallel kernels safely from threads and forked children -----------------------
+#
+# Numba's threading layers differ (numba.readthedocs.io, "The Threading Layers"): tbb and omp
+# accept parallel kernels from several threads at once, workqueue aborts the process when two
+# threads launch at the same time, and GNU OpenMP's pool does not survive fork(): a child whose
+# parent had started it is terminated at its first parallel kernel. So every parallel kernel
+# runs through _ParallelKernel, which follows one of three policies:
+PARALLEL = "parallel"  # tbb, omp: call the parallel compilation
+LOCKED = "locked"  # workqueue: the same, one call at a time
+SERIAL = "serial"  # a forked child of a process whose GNU OpenMP pool had started: a
+#                    compilation of the same code without the pool (same chunks, same bits)
+_policy = None  # chosen at the first kernel call, when Numba starts its pool
+_pool_lock = threading.Lock()
+
+
+def execution_policy():
+    """How the parallel kernels run in this process: ``PARALLEL``, ``LOCKED`` or ``SERIAL``."""
+    global _policy
+    if _policy is None:
+        numba.get_num_threads()  # starts Numba's pool, which settles the threading layer
+        _policy = LOCKED if numba.threading_layer() == "workqueue" else PARALLEL
+    return _policy
+
+
+def _after_fork_in_child():
+    global _policy
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # the parent never started the pool: the child starts its own
+        return
+    if layer == "omp":
+        from numba.np.ufunc import omppool
+        if omppool.openmp_vendor == "GNU":
+            _policy = SERIAL
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _ParallelKernel:
+    """A ``parallel=True`` kernel, run under the process's policy (above)."""
+
+    def __init__(self, py_func, options):
+        self.parallel = njit(parallel=True, **options)(py_func)
+        self._py_func, self._options = py_func, options
+        functools.update_wrapper(self, py_func)
+
+    @functools.cached_property
+    def serial(self):
+        """The same code compiled without the pool, on first use (in forked children only)."""
+        f = self._py_func
+        # A copy under another name: Numba's disk cache is keyed by the function's name and
+        # signature, not by `parallel`, so the two compilations must not share the name.
+        copy = types.FunctionType(f.__code__, f.__globals__, f.__name__, f.__defaults__,
+                                  f.__closure__)
+        copy.__qualname__ = f.__qualname__ + "_serial"
+        return njit(parallel=False, **self._options)(copy)
+
+    def __call__(self, *args):
+        policy = _policy or execution_policy()
+        if policy is PARALLEL:
+            return self.parallel(*args)
+        if policy is LOCKED:
+            with _pool_lock:
+                return self.parallel(*args)
+        return self.serial(*args)
+
+
+def _parallel_kernel(**options):
+    return lambda py_func: _ParallelKernel(py_func, dict(_jit, **options))
 
 
 # -- merging per-piece results, and the coefficients of the maps ------------------------------
@@ -175,7 +250,7 @@ def _chunk_moments(x, c, shift, r0, r1, i0, i1):
     return np.float64(n), (centre - shift) + sd / n, 0.0 if m2 < 0.0 else m2  # NaN passes
 
 
-@njit(parallel=True, **_jit)
+@_parallel_kernel()
 def _planar_moments(x, shift, rows, pieces):
     outer, channels, inner = x.shape
     chunks = (outer + rows - 1) // rows * pieces
@@ -203,7 +278,7 @@ def _chunk_grad_sums(dy, x, c, mean, r0, r1, i0, i1):
     return s, sx
 
 
-@njit(parallel=True, **_jit)
+@_parallel_kernel()
 def _planar_grad_sums(dy, x, mean, rows, pieces):
     outer, channels, inner = x.shape
     chunks = (outer + rows - 1) // rows * pieces
@@ -224,7 +299,7 @@ def _piece(w, length, piece):
     return w // pieces, i0, min(i0 + piece, length)
 
 
-@njit(parallel=True, **_jit)
+@_parallel_kernel()
 def _planar_affine(x, y, shift, scale, bias, piece):
     outer, channels, inner = x.shape
     for w in prange(outer * channels * ((inner + piece - 1) // piece)):
@@ -234,7 +309,7 @@ def _planar_affine(x, y, shift, scale, bias, piece):
         _map_run(x[o, c, i0:i1], y[o, c, i0:i1], shift[c], scale[c], bias[c])
 
 
-@njit(parallel=True, **_jit)
+@_parallel_kernel()
 def _planar_grad_map(dy, x, dx, mean, p, q, r, piece):
     outer, channels, inner = x.shape
     for w in prange(outer * channels * ((inner + piece - 1) // piece)):
@@ -247,7 +322,7 @@ def _planar_grad_map(dy, x, dx, mean, p, q, r, piece):
 # -- rows: channels-last, N×D, and planar runs too short to vectorize --------------------------
 
 
-@njit(parallel=True, **_jit)
+@_parallel_kernel()
 def _rows_moments(x, shift, segment_rows, tile_rows, column_block):
     rows, channels = x.shape
     segments = (rows + segment_rows - 1) // segment_rows
@@ -306,7 +381,7 @@ def _rows_moments(x, shift, segment_rows, tile_rows, column_block):
     return _merge(counts, means, m2s)
 
 
-@njit(parallel=True, **_jit)
+@_parallel_kernel()
 def _rows_grad_sums(dy, x, mean, segment_rows, column_block):
     rows, channels = x.shape
     segments = (rows + segment_rows - 1) // segment_rows
@@ -332,7 +407,7 @@ def _rows_grad_sums(dy, x, mean, segment_rows, column_block):
     return _add_partials(sums)
 
 
-@njit(parallel=True, fastmath=_MAP_MATH, **_jit)
+@_parallel_kernel(fastmath=_MAP_MATH)
 def _rows_affine(x, y, shift, scale, bias, piece):
     rows, width = x.shape
     for w in prange(rows * ((width + piece - 1) // piece)):
@@ -343,7 +418,7 @@ def _rows_affine(x, y, shift, scale, bias, piece):
             yr[c] = a[c] * (xr[c] - s[c]) + b[c]
 
 
-@njit(parallel=True, fastmath=_MAP_MATH, **_jit)
+@_parallel_kernel(fastmath=_MAP_MATH)
 def _rows_grad_map(dy, x, dx, mean, p, q, r, piece):
     rows, width = x.shape
     for w in prange(rows * ((width + piece - 1) // piece)):

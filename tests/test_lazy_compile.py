@@ -14,8 +14,8 @@ import fastbn
 from fastbn import cpu
 
 def loaded():
-    return {n for n in dir(cpu) if getattr(getattr(cpu, n), "targetoptions", {}).get("parallel")
-            and getattr(cpu, n).signatures}
+    return {n for n in dir(cpu) if isinstance(getattr(cpu, n), cpu._ParallelKernel)
+            and getattr(cpu, n).parallel.signatures}
 
 new = []
 for shape in ((300, 70), (8, 3, 100)):
