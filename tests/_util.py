@@ -86,3 +86,19 @@ class Snapshot:
                 continue
             assert live.dtype == copy.dtype and live.shape == copy.shape, name
             assert live.tobytes() == copy.tobytes(), f"{name} was modified"
+
+
+def numeric_grad(f, a, h=1e-6):
+    """Central finite differences of the scalar ``f()`` with respect to ``a``, perturbed in place."""
+    g = np.zeros_like(a)
+    it = np.nditer(a, flags=["multi_index"])
+    for _ in it:
+        i = it.multi_index
+        old = a[i]
+        a[i] = old + h
+        fp = f()
+        a[i] = old - h
+        fm = f()
+        a[i] = old
+        g[i] = (fp - fm) / (2 * h)
+    return g

@@ -6,7 +6,7 @@ import fastbn
 
 import reference
 from _util import (each_dtype, each_layout, each_mode, make_affine, make_case, make_running,
-                   make_x, plain_or_affine)
+                   make_x, numeric_grad, plain_or_affine)
 from checks import check_backward, check_forward_backward, reference_stats
 
 
@@ -75,21 +75,6 @@ def _loss(x, gamma, beta, w, axis, training, rm, rv):
     return float(np.sum(y * w))
 
 
-def _numeric_grad(f, a, h=1e-6):
-    g = np.zeros_like(a)
-    it = np.nditer(a, flags=["multi_index"])
-    for _ in it:
-        i = it.multi_index
-        old = a[i]
-        a[i] = old + h
-        fp = f()
-        a[i] = old - h
-        fm = f()
-        a[i] = old
-        g[i] = (fp - fm) / (2 * h)
-    return g
-
-
 @plain_or_affine
 @each_mode
 @pytest.mark.parametrize("shape,axis", [((3, 2, 4), 1), ((5, 3), 1), ((2, 3, 2, 3), -1)],
@@ -114,12 +99,12 @@ def test_finite_differences(shape, axis, training, affine, rng):
     dx, dgamma, dbeta = fastbn.backward(w, x, stats, gamma if affine else None, axis=axis,
                                         training=training)
 
-    num_dx = _numeric_grad(f, x)
+    num_dx = numeric_grad(f, x)
     # gradients w.r.t. gamma and beta: perturb the arrays actually passed (ones/zeros if plain)
     def fg():
         return _loss(x, gamma, beta, w, axis, training, rm, rv)
-    num_dgamma = _numeric_grad(fg, gamma)
-    num_dbeta = _numeric_grad(fg, beta)
+    num_dgamma = numeric_grad(fg, gamma)
+    num_dbeta = numeric_grad(fg, beta)
 
     np.testing.assert_allclose(dx, num_dx, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(dgamma, num_dgamma, rtol=1e-5, atol=1e-6)

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 import fastbn
 
 import reference
-from _util import assert_close, tol_for
+from _util import assert_close, numeric_grad, tol_for
 from checks import check_forward_backward
 
 # the autouse block-size fixture is function scoped but constant across examples
@@ -121,3 +121,75 @@ def test_random_strided_views(case):
                            running_mean=rm0.copy(), running_var=rv0.copy(), out=x)
     assert y2 is x
     assert np.array_equal(x, y)
+
+
+@SETTINGS
+@given(cases())
+def test_backward_matches_finite_differences(case):
+    """dx, dgamma and dbeta of loss = Σ w·y, against central differences of forward (float64)."""
+    shape, axis, _, training, affine, seed, scale, rel_offset = case
+    assume(np.prod(shape) <= 80)  # two forward calls per element
+    rng, c, x = _data(shape, axis, np.float64, seed, 1.0, 0.0, training)
+    x = x * 2 + rng.uniform(-3, 3)
+    w = rng.standard_normal(shape)
+    gamma, beta = rng.uniform(0.5, 2, c), rng.uniform(-1, 1, c)
+    rm, rv = rng.uniform(-1, 1, c), rng.uniform(0.5, 2, c)
+    running = dict(running_mean=None, running_var=None) if training else dict(
+        running_mean=rm, running_var=rv)
+
+    def loss():
+        y, _ = fastbn.forward(x, gamma if affine else None, beta if affine else None, axis=axis,
+                              training=training, **running)
+        return float(np.sum(y * w))
+
+    _, stats = fastbn.forward(x, gamma if affine else None, beta if affine else None, axis=axis,
+                              training=training, **running)
+    dx, dgamma, dbeta = fastbn.backward(w, x, stats, gamma if affine else None, axis=axis,
+                                        training=training)
+    np.testing.assert_allclose(dx, numeric_grad(loss, x), rtol=1e-5, atol=1e-6)
+    if affine:
+        np.testing.assert_allclose(dgamma, numeric_grad(loss, gamma), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(dbeta, numeric_grad(loss, beta), rtol=1e-5, atol=1e-6)
+
+
+@SETTINGS
+@given(cases())
+def test_eval_forward_is_the_inference_affine_map(case):
+    """forward(training=False) = scale·x + shift with (scale, shift) = inference_affine(...)."""
+    shape, axis, dtype, _, affine, seed, scale, rel_offset = case
+    rng, c, x = _data(shape, axis, dtype, seed, scale, rel_offset, training=False)
+    gamma, beta = (rng.uniform(-2, 2, c), rng.uniform(-2, 2, c)) if affine else (None, None)
+    rm = rng.uniform(-1, 1, c) * scale + rel_offset * scale
+    rv = rng.uniform(0.5, 2.0, c) * scale ** 2
+    y, _ = fastbn.forward(x, gamma, beta, axis=axis, training=False, running_mean=rm,
+                          running_var=rv)
+    a, b = fastbn.inference_affine(gamma, beta, rm, rv)
+    sh = [1] * len(shape)
+    sh[axis] = c
+    expected = a.reshape(sh) * x.astype(np.float64) + b.reshape(sh)
+    # the folded map loses |mean|/std digits (inference_affine's docstring), fastbn does not:
+    # the two agree to the folded map's rounding of a·x and b
+    magnitude = np.abs(a.reshape(sh) * x) + np.abs(b.reshape(sh)) + 1.0
+    np.testing.assert_array_less(np.abs(y - expected), 8 * tol_for(dtype) * magnitude)
+
+
+@SETTINGS
+@given(cases(), st.sampled_from([None, np.float32, np.float64]))
+def test_shapes_and_dtypes_through_forward_and_backward(case, param_dtype):
+    shape, axis, dtype, training, _, seed, scale, rel_offset = case
+    rng, c, x = _data(shape, axis, dtype, seed, scale, rel_offset, training)
+    gamma = None if param_dtype is None else rng.uniform(0.5, 2, c).astype(param_dtype)
+    beta = None if param_dtype is None else rng.uniform(-1, 1, c).astype(param_dtype)
+    rm, rv = np.zeros(c), np.ones(c)
+    y, stats = fastbn.forward(x, gamma, beta, axis=axis, training=training, running_mean=rm,
+                              running_var=rv)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    for s in stats:
+        assert s.shape == (c,) and s.dtype == np.float64
+    dx, dgamma, dbeta = fastbn.backward(rng.standard_normal(shape).astype(dtype), x, stats, gamma,
+                                        axis=axis, training=training)
+    assert dx.shape == x.shape and dx.dtype == x.dtype
+    grad_dtype = x.dtype if param_dtype is None else np.dtype(param_dtype)
+    for g in (dgamma, dbeta):
+        assert g.shape == (c,) and g.dtype == grad_dtype
+    assert np.isfinite(y).all() and np.isfinite(dx).all()
