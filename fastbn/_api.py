@@ -103,8 +103,10 @@ def _choose_device(device, *arrays):
 def _data(name, a):
     arr = _device_view(a) if _is_cuda_array(a) else np.asarray(a)
     if arr.dtype not in _DATA_DTYPES:
+        hint = ("; cast float16 data to float32 (fastbn computes in float64 either way)"
+                if arr.dtype == np.float16 else "")
         raise TypeError(f"{name} must be a float32 or float64 array in native byte order, got "
-                        f"dtype {arr.dtype} (shape {arr.shape})")
+                        f"dtype {arr.dtype} (shape {arr.shape}){hint}")
     return arr
 
 

@@ -182,3 +182,53 @@ def test_errors(rng):
     stats = fastbn.forward(xd)[1]
     with pytest.raises(TypeError, match="float32 or float64"):
         fastbn.backward(xd, xd, stats, np.ones(3, np.longdouble), out=out)
+
+
+def _bad_calls(rng):
+    """(name, error, regex, call) for the CPU suite's error matrix, made of device arrays."""
+    x, dy, gamma, beta, rm, rv = make_case(rng, (4, 3, 5), 1, np.float32)
+    xd, dyd, rmd, rvd = on_device(x, dy, rm, rv)
+    out = cuda.device_array_like(xd)
+    stats = fastbn.BatchStats(*on_device(rng.uniform(-1, 1, 3), rng.uniform(0.5, 2, 3)))
+    buffer = cuda.to_device(np.zeros(2 * x.size, np.float32))
+    shifted = buffer[7:7 + x.size].reshape(x.shape)  # overlaps buffer[:x.size] in part
+    return [
+        ("ndim", ValueError, r"\bx\b.*dimensions", lambda: fastbn.forward(cuda.to_device(
+            np.ones(5, np.float32)))),
+        ("axis", ValueError, "axis 3", lambda: fastbn.forward(xd, axis=3)),
+        ("gamma shape", ValueError, "gamma", lambda: fastbn.forward(xd, cuda.to_device(
+            np.ones(4)))),
+        ("int x", TypeError, r"\bx\b", lambda: fastbn.forward(cuda.to_device(
+            np.ones((4, 3), np.int32)))),
+        ("float16 x", TypeError, "float16", lambda: fastbn.forward(cuda.to_device(
+            np.ones((4, 3), np.float16)))),
+        ("empty batch", ValueError, "training", lambda: fastbn.forward(cuda.to_device(
+            np.ones((0, 3), np.float32)))),
+        ("one value", ValueError, "training", lambda: fastbn.forward(cuda.to_device(
+            np.ones((1, 3), np.float32)))),
+        ("eps", ValueError, "eps", lambda: fastbn.forward(xd, eps=0.0)),
+        ("momentum", ValueError, "momentum", lambda: fastbn.forward(
+            xd, running_mean=rmd, running_var=rvd, momentum=1.5)),
+        ("running shape", ValueError, "running_var", lambda: fastbn.forward(
+            xd, running_mean=rmd, running_var=cuda.to_device(np.ones(4)))),
+        ("out shape", ValueError, "out", lambda: fastbn.forward(
+            xd, running_mean=rmd, running_var=rvd, out=cuda.device_array((4, 3, 6), np.float32))),
+        ("out dtype", TypeError, "out", lambda: fastbn.forward(
+            xd, running_mean=rmd, running_var=rvd, out=cuda.device_array_like(
+                cuda.to_device(x.astype(np.float64))))),
+        ("out overlaps x", ValueError, "overlap", lambda: fastbn.forward(
+            buffer[:x.size].reshape(x.shape), running_mean=rmd, running_var=rvd, out=shifted)),
+        ("dy shape", ValueError, "dy", lambda: fastbn.backward(
+            cuda.to_device(dy[:, :, :4].copy()), xd, stats, out=out)),
+        ("stats of another C", ValueError, "mean|invstd", lambda: fastbn.backward(
+            dyd, xd, fastbn.BatchStats(*on_device(np.zeros(4), np.ones(4))), out=out)),
+    ], [xd, dyd, rmd, rvd, out, buffer, stats.mean, stats.invstd]
+
+
+def test_error_matrix_leaves_device_arrays_unchanged(rng):
+    calls, arrays = _bad_calls(rng)
+    before = [host(a).tobytes() for a in arrays]
+    for name, error, regex, call in calls:
+        with pytest.raises(error, match=regex):
+            call()
+        assert [host(a).tobytes() for a in arrays] == before, f"{name} modified an argument"

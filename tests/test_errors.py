@@ -101,7 +101,9 @@ X = r"\bx\b"
 def test_forward_x_bad_dtype(dtype, rng):
     x = make_x(rng, SHAPE, 1).astype(dtype)
     args, kw = call_forward(fwd_kwargs(rng, x=x, out=None))
-    check_raises(TypeError, X, [], *args, **kw)
+    msg = check_raises(TypeError, X, [str(SHAPE), "float32 or float64"], *args, **kw)
+    if dtype is np.float16:
+        assert "cast float16 data to float32" in msg
 
 
 def test_forward_out_dtype(rng):
@@ -164,6 +166,21 @@ def test_forward_eval_without_running_stats(rng):
 def test_forward_one_value_per_channel_in_training(shape, rng):
     args, kw = call_forward(fwd_kwargs(rng, shape=shape))
     check_raises(ValueError, X + "|training", [str(shape)], *args, **kw)
+
+
+@pytest.mark.parametrize("shape,axis", [((0, 3), 1), ((0, 3, 4), 1), ((2, 0, 3), -1)])
+def test_empty_batch_in_eval_gives_empty_outputs(shape, axis, rng):
+    """Eval needs no batch statistics: an empty batch maps to an empty y, and its gradient is
+    empty with dgamma = dbeta = 0. (Training on it is a ValueError, above.)"""
+    x = np.zeros(shape, np.float32)
+    rm, rv = rng.uniform(-1, 1, 3), rng.uniform(0.5, 2, 3)
+    snap = Snapshot(rm=rm, rv=rv)
+    y, stats = fastbn.forward(x, axis=axis, training=False, running_mean=rm, running_var=rv)
+    snap.assert_unchanged()
+    assert y.shape == shape and y.dtype == np.float32
+    np.testing.assert_array_equal(stats.mean, rm)
+    dx, dgamma, dbeta = fastbn.backward(x, x, stats, np.ones(3), axis=axis, training=False)
+    assert dx.shape == shape and not dgamma.any() and not dbeta.any()
 
 
 def test_forward_one_value_per_channel_channels_last(rng):

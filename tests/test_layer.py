@@ -63,22 +63,52 @@ def test_backward_before_forward_is_an_error():
         fastbn.BatchNorm(3).backward(np.zeros((2, 3), np.float32))
 
 
-@pytest.mark.parametrize("kwargs", [dict(num_features=0), dict(num_features=2.5),
-                                    dict(num_features=3, momentum=1.5),
-                                    dict(num_features=3, eps=0.0),
-                                    dict(num_features=3, dtype=np.int32)])
-def test_bad_construction(kwargs):
-    with pytest.raises((TypeError, ValueError)):
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(num_features=0), "num_features"), (dict(num_features=2.5), "num_features"),
+    (dict(num_features=3, momentum=1.5), "momentum"), (dict(num_features=3, momentum=-0.1),
+                                                       "momentum"),
+    (dict(num_features=3, eps=0.0), "eps"), (dict(num_features=3, dtype=np.int32), "dtype"),
+    (dict(num_features=3, dtype=np.float16), "dtype"), (dict(num_features=3, axis=1.0), "axis")])
+def test_bad_construction(kwargs, name):
+    with pytest.raises((TypeError, ValueError), match=name):
         fastbn.BatchNorm(**kwargs)
 
 
-def test_failed_forward_changes_nothing(rng):
-    bn = fastbn.BatchNorm(3)
-    state = bn.state_dict()
-    with pytest.raises(ValueError):
-        bn(np.ones((4, 5), np.float32))  # 5 channels, not 3
-    after = bn.state_dict()
-    assert all(np.array_equal(state[k], after[k]) for k in state)
+def _everything(bn):
+    return {**bn.state_dict(), "dgamma": bn.dgamma, "dbeta": bn.dbeta}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) if a[k] is not None
+                                        else b[k] is None for k in a)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_failed_calls_change_nothing(training, rng):
+    """A bad forward or backward raises, and leaves the layer's state, gradients and the
+    forward that backward differentiates as they were."""
+    bn = fastbn.BatchNorm(3).train(training)
+    x = make_x(rng, (4, 3), 1, np.float32)
+    y = bn(x)
+    bn.backward(np.ones_like(y))
+    before = _everything(bn)
+    bad_inputs = [np.ones((4, 5), np.float32), np.ones((4, 3), np.int32), np.ones(3, np.float32),
+                  np.ones((4, 3), np.float16)]
+    if training:
+        bad_inputs.append(np.ones((1, 3), np.float32))  # one value per channel
+    for bad in bad_inputs:
+        with pytest.raises((TypeError, ValueError), match=r"\bx\b"):
+            bn(bad)
+        assert _same(before, _everything(bn))
+    for bad in (np.ones((4, 5), np.float32), np.ones((4, 3), np.float64)):
+        with pytest.raises((TypeError, ValueError), match="dy"):
+            bn.backward(bad)
+        assert _same(before, _everything(bn))
+    # backward still differentiates the last good forward
+    np.testing.assert_array_equal(bn.backward(np.ones_like(y)), fastbn.backward(
+        np.ones_like(y), x, fastbn.forward(x, training=True)[1] if training else
+        fastbn.BatchStats(np.zeros(3), np.full(3, 1 / np.sqrt(1 + 1e-5))), bn.gamma,
+        training=training)[0])
 
 
 def test_state_dict_round_trip_and_errors(rng):
