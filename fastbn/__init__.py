@@ -5,9 +5,19 @@
 >>> y, stats = fastbn.forward(x)                        # training mode, channel axis 1
 >>> dx, dgamma, dbeta = fastbn.backward(np.ones_like(y), x, stats)
 """
-from ._api import BatchStats, backward, cuda_available, fold, forward, inference_affine
+from ._api import (BatchStats, Moments, backward, cuda_available, fold, forward, inference_affine,
+                   merge_moments, moments, normalize)
 from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 
-__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchStats", "backward",
-           "cuda_available", "fold", "forward", "inference_affine"]
+__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchStats", "Moments",
+           "backward", "cuda_available", "fold", "forward", "inference_affine", "merge_moments",
+           "moments", "normalize"]
+
+
+def __getattr__(name):
+    # fastbn.distributed imports mpi4py, which starts MPI: only when it is asked for.
+    if name == "distributed":
+        import importlib
+        return importlib.import_module(".distributed", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 __version__ = "0.1.0"

@@ -264,6 +264,77 @@ def _values_per_channel(x, axis):
 # -- forward and backward ----------------------------------------------------------------------
 
 
+class _Forward(NamedTuple):
+    """A forward call whose arguments passed every check: converted, and where it runs."""
+
+    gpu: bool
+    x: object
+    axis: int
+    training: bool
+    gamma: object
+    beta: object
+    running_mean: object
+    running_var: object
+    momentum: float
+    eps: float
+    out: object
+
+
+def _too_few_values(count, x, axis, what="x"):
+    return ValueError(f"training needs more than one value per channel, but {what} of shape "
+                      f"{x.shape} has {count} per channel (channel axis {axis})")
+
+
+def _check_forward(x, gamma, beta, axis, training, running_mean, running_var, momentum, eps, out,
+                   device, own_statistics=True):
+    """Every check of a forward call, before anything is computed or written.
+
+    ``own_statistics=False``: the statistics come from a larger batch that x is part of
+    (``normalize``, ``fastbn.distributed``), so x itself may hold fewer than two values per
+    channel; the caller checks the batch's count.
+    """
+    gpu = _choose_device(device, x, out) == "cuda"
+    x = _data("x", x)
+    axis = _channel_axis(axis, x)
+    training = _flag("training", training)
+    channels = x.shape[axis]
+    gamma = _per_channel("gamma", gamma, channels, _of_x(x, axis), gpu)
+    beta = _per_channel("beta", beta, channels, _of_x(x, axis), gpu)
+    eps = _eps(eps)
+    if (running_mean is None) != (running_var is None):
+        given = "running_mean" if running_var is None else "running_var"
+        raise ValueError(f"running_mean and running_var go together: pass both or neither (only "
+                         f"{given} was given)")
+    momentum = _real("momentum", momentum)
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must lie in [0, 1], got {momentum!r}")
+    count = _values_per_channel(x, axis)
+    if training:
+        if own_statistics and count < 2:
+            raise _too_few_values(count, x, axis)
+    elif running_mean is None:
+        raise ValueError(f"training=False normalizes with running_mean and running_var, which "
+                         f"were not given (x of shape {x.shape})")
+    if running_mean is not None:
+        _running("running_mean", running_mean, x, axis, training, gpu)
+        _running("running_var", running_var, x, axis, training, gpu)
+        if _is_cuda_array(running_mean) != _is_cuda_array(running_var):
+            raise TypeError("running_mean and running_var must live in the same place: both "
+                            "CUDA arrays or both NumPy arrays")
+    _check_out(out, x, x=x)
+    if training and running_mean is not None:
+        # Written in place after y: they must not share memory with what else is read or written.
+        pairs = [("running_mean", running_mean, "running_var", running_var)]
+        pairs += [(name, stat, other, a) for name, stat in (("running_mean", running_mean),
+                                                             ("running_var", running_var))
+                  for other, a in (("x", x), ("out", out)) if a is not None]
+        for name, stat, other, a in pairs:
+            if _overlaps(stat, a):
+                raise ValueError(f"{name} shares memory with {other}")
+    return _Forward(gpu, x, axis, training, gamma, beta, running_mean, running_var, momentum, eps,
+                    out)
+
+
 def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=None,
             running_var=None, momentum=0.1, eps=1e-5, out=None, device=None):
     """Batch normalization of ``x`` over every axis but the channel ``axis``.
@@ -298,76 +369,131 @@ def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=Non
     stats : BatchStats
         The float64 ``(mean, invstd)`` used, for ``backward``.
     """
-    gpu = _choose_device(device, x, out) == "cuda"
-    x = _data("x", x)
-    axis = _channel_axis(axis, x)
-    training = _flag("training", training)
-    channels = x.shape[axis]
-    gamma = _per_channel("gamma", gamma, channels, _of_x(x, axis), gpu)
-    beta = _per_channel("beta", beta, channels, _of_x(x, axis), gpu)
-    eps = _eps(eps)
-    if (running_mean is None) != (running_var is None):
-        given = "running_mean" if running_var is None else "running_var"
-        raise ValueError(f"running_mean and running_var go together: pass both or neither (only "
-                         f"{given} was given)")
-    momentum = _real("momentum", momentum)
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must lie in [0, 1], got {momentum!r}")
-    count = _values_per_channel(x, axis)
-    if training:
-        if count < 2:
-            raise ValueError(f"training needs more than one value per channel, but x of shape "
-                             f"{x.shape} has {count} per channel (channel axis {axis})")
-    elif running_mean is None:
-        raise ValueError(f"training=False normalizes with running_mean and running_var, which "
-                         f"were not given (x of shape {x.shape})")
-    if running_mean is not None:
-        _running("running_mean", running_mean, x, axis, training, gpu)
-        _running("running_var", running_var, x, axis, training, gpu)
-        if _is_cuda_array(running_mean) != _is_cuda_array(running_var):
-            raise TypeError("running_mean and running_var must live in the same place: both "
-                            "CUDA arrays or both NumPy arrays")
-    _check_out(out, x, x=x)
-    if training and running_mean is not None:
-        # Written in place after y: they must not share memory with what else is read or written.
-        pairs = [("running_mean", running_mean, "running_var", running_var)]
-        pairs += [(name, stat, other, a) for name, stat in (("running_mean", running_mean),
-                                                             ("running_var", running_var))
-                  for other, a in (("x", x), ("out", out)) if a is not None]
-        for name, stat, other, a in pairs:
-            if _overlaps(stat, a):
-                raise ValueError(f"{name} shares memory with {other}")
-    if gpu:
-        return _cuda_forward(x, gamma, beta, axis, training, running_mean, running_var,
-                             momentum, eps, out, count)
+    return _forward(_check_forward(x, gamma, beta, axis, training, running_mean, running_var,
+                                   momentum, eps, out, device))
 
+
+def _forward(call, merge=None):
+    """Run a checked forward call.
+
+    ``merge``, given for a batch spread over processes (fastbn.distributed), takes x's
+    ``Moments`` and returns the whole batch's.
+    """
+    if not call.training:
+        return _normalize_with(call, call.running_mean, call.running_var)
+    if merge is not None:
+        total = merge(_batch_moments(call.x, call.axis, call.gpu))
+        return _normalize_with(call, *_variances(total))
+    if call.gpu:
+        return _cuda_forward(call)
+    x, axis = call.x, call.axis
     view = ChannelView(x, axis)
     x3 = view.of(x)
-    y, y3, pending = view.output(out, x.dtype)
-    gamma = np.ones(channels) if gamma is None else gamma
-    beta = np.zeros(channels) if beta is None else beta
-    if training and x3.size:
+    y, y3, pending = view.output(call.out, x.dtype)
+    channels, count = x.shape[axis], _values_per_channel(x, axis)
+    gamma = np.ones(channels) if call.gamma is None else call.gamma
+    beta = np.zeros(channels) if call.beta is None else call.beta
+    if x3.size:
         # Statistics of x − s, s one value of each channel: a large offset never enters a sum.
         # The map is centred about s too, which lies within the data:
         # a·(x − μ) + β = a·(x − s) + (β − a·δ); the folded a·x + (β − a·μ) would lose digits
         # when |μ| ≫ σ.
         shift = x3[0, :, 0].astype(np.float64)
-        delta, m2, invstd = cpu.normalize(x3, y3, shift, gamma, beta, eps)
+        delta, m2, invstd = cpu.normalize(x3, y3, shift, gamma, beta, call.eps)
         mean, var = shift + delta, m2 / count
-    elif training:  # no channels
+    else:  # no channels
         mean = var = invstd = np.zeros(0)
-    else:
-        mean = running_mean.astype(np.float64)
-        var = running_var.astype(np.float64)
-        invstd = 1.0 / np.sqrt(var + eps)
-        if x3.size:
-            cpu.affine(x3, y3, mean, gamma * invstd, beta)
     if pending is not None:
         y[...] = pending
-    if training and running_mean is not None:
-        running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
-        running_var[...] = (1.0 - momentum) * running_var + momentum * var * (count / (count - 1))
+    if call.running_mean is not None:
+        _update_running(call, mean, var, count / (count - 1))
     return y, BatchStats(mean, invstd)
+
+
+def _normalize_with(call, mean, var, unbiased_var=None):
+    """y of a checked call normalized with the given ``mean`` and biased ``var``, and the running
+    statistics updated with ``unbiased_var`` if given (host or device arrays, shape (C,))."""
+    if call.gpu:
+        y, stats = _cuda_normalize_with(call, mean, var)
+    else:
+        x, axis = call.x, call.axis
+        channels = x.shape[axis]
+        mean = np.array(mean, np.float64)  # a copy: stats must not alias running_mean
+        invstd = 1.0 / np.sqrt(np.asarray(var, np.float64) + call.eps)
+        view = ChannelView(x, axis)
+        x3 = view.of(x)
+        y, y3, pending = view.output(call.out, x.dtype)
+        if x3.size:
+            scale = invstd if call.gamma is None else call.gamma * invstd
+            cpu.affine(x3, y3, mean, scale, np.zeros(channels) if call.beta is None else call.beta)
+        if pending is not None:
+            y[...] = pending
+        stats = BatchStats(mean, invstd)
+    if call.training and call.running_mean is not None:
+        _update_running(call, mean, unbiased_var, 1.0)
+    return y, stats
+
+
+def _update_running(call, mean, var, unbias):
+    """``running = (1 − momentum)·running + momentum·batch``, with the unbiased ``var·unbias``,
+    where the running statistics live (host or device)."""
+    momentum = call.momentum
+    if _is_cuda_array(call.running_mean):
+        from . import cuda as gpu
+        channels = call.x.shape[call.axis]
+        gpu.update_running(_device_view(call.running_mean), _device_view(call.running_var),
+                           gpu.per_channel(mean, channels), gpu.per_channel(var, channels),
+                           momentum, unbias)
+        return
+    mean, var = (a.copy_to_host() if _is_cuda_array(a) else a for a in (mean, var))
+    call.running_mean[...] = (1.0 - momentum) * call.running_mean + momentum * mean
+    call.running_var[...] = (1.0 - momentum) * call.running_var + momentum * var * unbias
+
+
+class _Backward(NamedTuple):
+    """A backward call whose arguments passed every check."""
+
+    gpu: bool
+    dy: object
+    x: object
+    axis: int
+    training: bool
+    mean: object
+    invstd: object
+    gamma: object
+    grad_dtype: np.dtype
+    out: object
+
+
+def _check_backward(dy, x, stats, gamma, axis, training, out, device):
+    """Every check of a backward call, before anything is computed or written."""
+    gpu = _choose_device(device, dy, x, out) == "cuda"
+    x = _data("x", x)
+    dy = _data("dy", dy)
+    if dy.dtype != x.dtype:
+        raise TypeError(f"dy must have x's dtype {x.dtype}, got {dy.dtype} (shape {dy.shape})")
+    if dy.shape != x.shape:
+        raise ValueError(f"dy must have x's shape {x.shape}, got {dy.shape}")
+    axis = _channel_axis(axis, x)
+    training = _flag("training", training)
+    try:
+        mean, invstd = stats
+    except (TypeError, ValueError):
+        raise TypeError("stats must be the BatchStats (mean, invstd) that forward returned, got "
+                        f"{type(stats).__name__}") from None
+    channels, where = x.shape[axis], _of_x(x, axis)
+    mean = _per_channel("stats.mean", mean, channels, where, gpu)
+    invstd = _per_channel("stats.invstd", invstd, channels, where, gpu)
+    grad_dtype = x.dtype
+    if gamma is not None:
+        gamma_dtype = _device_view(gamma).dtype if _is_cuda_array(gamma) else np.asarray(gamma).dtype
+        grad_dtype = gamma_dtype if gamma_dtype.kind == "f" else x.dtype
+    gamma = _per_channel("gamma", gamma, channels, where, gpu)
+    _check_out(out, x, x=x, dy=dy)
+    if gpu and grad_dtype not in _DATA_DTYPES:
+        raise TypeError(f"on the GPU, gamma must be float32 or float64 (dgamma and dbeta take its "
+                        f"dtype), got {grad_dtype}")
+    return _Backward(gpu, dy, x, axis, training, mean, invstd, gamma, grad_dtype, out)
 
 
 def backward(dy, x, stats, gamma=None, *, axis=1, training=True, out=None, device=None):
@@ -401,47 +527,181 @@ def backward(dy, x, stats, gamma=None, *, axis=1, training=True, out=None, devic
     dgamma, dbeta : ndarray, shape (C,)
         ``Σ dy·x̂`` and ``Σ dy``, in gamma's dtype (x's if gamma is None or not floating).
     """
-    gpu = _choose_device(device, dy, x, out) == "cuda"
-    x = _data("x", x)
-    dy = _data("dy", dy)
-    if dy.dtype != x.dtype:
-        raise TypeError(f"dy must have x's dtype {x.dtype}, got {dy.dtype} (shape {dy.shape})")
-    if dy.shape != x.shape:
-        raise ValueError(f"dy must have x's shape {x.shape}, got {dy.shape}")
-    axis = _channel_axis(axis, x)
-    training = _flag("training", training)
-    try:
-        mean, invstd = stats
-    except (TypeError, ValueError):
-        raise TypeError("stats must be the BatchStats (mean, invstd) that forward returned, got "
-                        f"{type(stats).__name__}") from None
-    channels, where = x.shape[axis], _of_x(x, axis)
-    mean = _per_channel("stats.mean", mean, channels, where, gpu)
-    invstd = _per_channel("stats.invstd", invstd, channels, where, gpu)
-    grad_dtype = x.dtype
-    if gamma is not None:
-        gamma_dtype = _device_view(gamma).dtype if _is_cuda_array(gamma) else np.asarray(gamma).dtype
-        grad_dtype = gamma_dtype if gamma_dtype.kind == "f" else x.dtype
-    gamma = _per_channel("gamma", gamma, channels, where, gpu)
-    _check_out(out, x, x=x, dy=dy)
-    if gpu:
-        if grad_dtype not in _DATA_DTYPES:
-            raise TypeError(f"on the GPU, gamma must be float32 or float64 (dgamma and dbeta "
-                            f"take its dtype), got {grad_dtype}")
-        return _cuda_backward(dy, x, mean, invstd, gamma, grad_dtype, axis, training, out)
+    return _backward(_check_backward(dy, x, stats, gamma, axis, training, out, device))
 
+
+def _backward(call, add=None):
+    """Run a checked backward call.
+
+    ``add``, given for a batch spread over processes (fastbn.distributed), takes x's float64
+    ``(Σdy, Σdy·(x − μ), count)`` and returns the whole batch's. dgamma and dbeta are x's share.
+    """
+    if call.gpu:
+        return _cuda_backward(call, add)
+    x, axis = call.x, call.axis
+    channels, count = x.shape[axis], _values_per_channel(x, axis)
     view = ChannelView(x, axis)
-    x3 = view.of(x)
-    dy3 = view.of(dy)
-    dx, dx3, pending = view.output(out, x.dtype)
+    x3, dy3 = view.of(x), view.of(call.dy)
+    dx, dx3, pending = view.output(call.out, x.dtype)
+    sums = (cpu.gradient_sums(dy3, x3, call.mean) if x3.size else
+            (np.zeros(channels), np.zeros(channels)))
+    total = (*sums, count) if add is None else add(*sums, count)
     if x3.size:
-        gamma = np.ones(channels) if gamma is None else gamma
-        sum_dy, sum_dy_xmu = cpu.normalize_backward(dy3, x3, dx3, mean, invstd, gamma, training)
-    else:
-        sum_dy = sum_dy_xmu = np.zeros(channels)
+        gamma = np.ones(channels) if call.gamma is None else call.gamma
+        cpu.backward_map(dy3, x3, dx3, call.mean, call.invstd, gamma, *total, call.training)
     if pending is not None:
         dx[...] = pending
-    return dx, (sum_dy_xmu * invstd).astype(grad_dtype), sum_dy.astype(grad_dtype)
+    sum_dy, sum_dy_xmu = sums
+    return dx, (sum_dy_xmu * call.invstd).astype(call.grad_dtype), sum_dy.astype(call.grad_dtype)
+
+
+# -- mergeable statistics ----------------------------------------------------------------------
+
+
+class Moments(NamedTuple):
+    """Per-channel ``(count, mean, M2)`` of a batch: what two disjoint batches merge exactly.
+
+    Attributes
+    ----------
+    count : ndarray, shape (C,), float64
+        Values per channel.
+    mean : ndarray, shape (C,), float64
+        Their mean (0 where count is 0).
+    m2 : ndarray, shape (C,), float64
+        Their sum of squared deviations from the mean, ``Σ(x − mean)²``: the biased variance is
+        ``m2 / count``, the unbiased one ``m2 / (count − 1)``.
+    """
+
+    count: np.ndarray
+    mean: np.ndarray
+    m2: np.ndarray
+
+
+def _batch_moments(x, axis, gpu):
+    channels, count = x.shape[axis], _values_per_channel(x, axis)
+    if count == 0 or channels == 0:
+        mean = m2 = np.zeros(channels)
+    elif gpu:
+        from . import cuda as gpu_module
+        x3 = _to_gpu("x", x).reshape(_view_shape(x.shape, axis))
+        mean, m2 = gpu_module.batch_moments(x3)
+    else:
+        mean, m2 = cpu.moments(ChannelView(x, axis).of(x))
+    return Moments(np.full(channels, float(count)), mean, m2)
+
+
+def moments(x, *, axis=1, device=None):
+    """Per-channel ``Moments(count, mean, M2)`` of the batch ``x``, in one pass over it.
+
+    Moments of disjoint batches merge exactly with ``merge_moments``: the statistics of data that
+    does not fit in memory, chunk by chunk, or of a batch spread over processes.
+
+    Parameters
+    ----------
+    x : ndarray, float32 or float64, ndim >= 2
+        The batch (a CUDA array is read on the GPU); it may be empty.
+    axis : int
+        The channel axis.
+    device : {None, "cpu", "cuda"}
+        None picks by where x lives.
+
+    Returns
+    -------
+    Moments
+        float64 NumPy arrays of shape (C,), wherever x lives (3·C numbers, to merge or send).
+    """
+    gpu = _choose_device(device, x) == "cuda"
+    x = _data("x", x)
+    return _batch_moments(x, _channel_axis(axis, x), gpu)
+
+
+def _as_moments(name, moments_, channels=None, where=""):
+    """A checked ``Moments`` of float64 host arrays, all of one shape (C,)."""
+    try:
+        count, mean, m2 = moments_
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a Moments (count, mean, m2), got "
+                        f"{type(moments_).__name__}") from None
+    if channels is None:
+        channels = np.shape(mean)[0] if np.ndim(mean) == 1 else -1
+        where = f"{name}.mean (shape {np.shape(mean)})"
+    parts = [_per_channel(f"{name}.{field}", a, channels, where)
+             for field, a in zip(Moments._fields, (count, mean, m2))]
+    if parts[0] is None or parts[1] is None or parts[2] is None:
+        raise TypeError(f"{name} must hold three arrays (count, mean, m2), got None")
+    if (parts[0] < 0).any() or (parts[2] < 0).any():
+        raise ValueError(f"{name}: count and m2 must be >= 0")
+    return Moments(*parts)
+
+
+def merge_moments(*parts):
+    """The ``Moments`` of the union of disjoint batches, from each batch's.
+
+    Chan et al.'s pairwise formula in float64, applied in the order given (so the result is the
+    same bits wherever the same parts are merged in the same order). Empty parts (count 0) change
+    nothing.
+
+    Parameters
+    ----------
+    *parts : Moments
+        One per batch, all with the same channels.
+
+    Returns
+    -------
+    Moments
+    """
+    if not parts:
+        raise TypeError("merge_moments needs at least one Moments")
+    first = _as_moments("parts[0]", parts[0])
+    count, mean, m2 = (a.copy() for a in first)
+    where = f"parts[0].mean (shape {mean.shape})"
+    for k, part in enumerate(parts[1:], 1):
+        n_b, mean_b, m2_b = _as_moments(f"parts[{k}]", part, mean.shape[0], where)
+        total = count + n_b
+        share = np.divide(n_b, total, out=np.zeros_like(total), where=total > 0)
+        delta = mean_b - mean
+        m2 = m2 + m2_b + delta * delta * count * share
+        mean = np.where(count == 0, mean_b, mean + delta * share)
+        count = total
+    return Moments(count, mean, m2)
+
+
+def _variances(total):
+    """``(mean, biased variance, unbiased variance)`` of merged ``Moments``."""
+    return total.mean, total.m2 / total.count, total.m2 / (total.count - 1)
+
+
+def normalize(x, moments, gamma=None, beta=None, *, axis=1, running_mean=None, running_var=None,
+              momentum=0.1, eps=1e-5, out=None, device=None):
+    """Training-mode batch norm of ``x`` with the statistics of a batch that x is part of.
+
+    ``y = γ·(x − mean)/sqrt(m2/count + eps) + β`` with ``moments`` (from ``moments`` and
+    ``merge_moments``), and the running statistics updated as ``forward`` does, with that batch's
+    unbiased variance ``m2/(count − 1)``.
+
+    Parameters
+    ----------
+    x : ndarray
+        As for ``forward``; it may hold any number of values per channel, none included.
+    moments : Moments
+        Of the whole batch: more than one value per channel.
+    gamma, beta, axis, running_mean, running_var, momentum, eps, out, device
+        As for ``forward``.
+
+    Returns
+    -------
+    y : ndarray
+    stats : BatchStats
+        The mean and invstd used.
+    """
+    call = _check_forward(x, gamma, beta, axis, True, running_mean, running_var, momentum, eps,
+                          out, device, own_statistics=False)
+    channels = call.x.shape[call.axis]
+    total = _as_moments("moments", moments, channels, _of_x(call.x, call.axis))
+    if channels and total.count.min() < 2:
+        raise ValueError(f"training needs more than one value per channel, but moments.count is "
+                         f"{total.count.min():g} for some channel")
+    return _normalize_with(call, *_variances(total))
 
 
 # -- the GPU path -------------------------------------------------------------------------------
@@ -471,69 +731,82 @@ def _gpu_result(out, x, on_host):
     return cuda.device_array(x.shape, x.dtype)
 
 
-def _to_host(result, out):
-    """A device result as a host array (into ``out`` if given)."""
-    if out is None:
-        return result.copy_to_host()
-    out[...] = result.copy_to_host()
-    return out
-
-
-def _cuda_forward(x, gamma, beta, axis, training, running_mean, running_var, momentum, eps, out,
-                  count):
-    from numba import cuda
-    from . import cuda as gpu
-    on_host = isinstance(x, np.ndarray)  # device="cuda" with NumPy arrays: copy in, and back
-    shape3 = _view_shape(x.shape, axis)
-    channels = shape3[1]
-    xd = _to_gpu("x", x)
-    yd = _gpu_result(out, x, on_host)
-    x3, y3 = xd.reshape(shape3), yd.reshape(shape3)
-    gamma = gpu.per_channel(gamma, channels, 1.0)
-    beta = gpu.per_channel(beta, channels, 0.0)
-    if training:
-        mean, var, invstd = (gpu.normalize(x3, y3, gamma, beta, eps) if x.size else
-                             [cuda.device_array(0, np.float64)] * 3)
-    else:
-        mean = gpu.per_channel(running_mean, channels)
-        var = gpu.per_channel(running_var, channels)
-        invstd = gpu.normalize_eval(x3, y3, mean, var, gamma, beta, eps)
-    if training and running_mean is not None:
-        if _is_cuda_array(running_mean):  # updated where they live
-            gpu.update_running(_device_view(running_mean), _device_view(running_var), mean, var,
-                               momentum, count)
-        else:
-            mean_h, var_h = mean.copy_to_host(), var.copy_to_host()
-            running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean_h
-            running_var[...] = ((1.0 - momentum) * running_var
-                                + momentum * var_h * (count / (count - 1)))
+def _finish_on_gpu(result, out, on_host, *per_channel):
+    """The op's result: on the host (into ``out`` if given) for NumPy input, else the device
+    array (``out`` if given); then the per-channel arrays, copied to the host for NumPy input."""
     if on_host:
-        return _to_host(yd, out), BatchStats(mean.copy_to_host(), invstd.copy_to_host())
-    return (yd if out is None else out), BatchStats(mean, invstd)
+        if out is None:
+            host = result.copy_to_host()
+        else:
+            out[...] = result.copy_to_host()
+            host = out
+        return (host, *(a.copy_to_host() for a in per_channel))
+    return (result if out is None else out, *per_channel)
 
 
-def _cuda_backward(dy, x, mean, invstd, gamma, grad_dtype, axis, training, out):
+def _gpu_views(call, *names):
+    """``(on_host, (outer, C, inner), device views of the named arrays, result array)``."""
+    on_host = isinstance(call.x, np.ndarray)  # device="cuda" with NumPy arrays: copy in and back
+    shape3 = _view_shape(call.x.shape, call.axis)
+    views = [_to_gpu(name, getattr(call, name)).reshape(shape3) for name in names]
+    result = _gpu_result(call.out, call.x, on_host)
+    return on_host, shape3, views, result
+
+
+def _cuda_forward(call):
+    """Training forward on the GPU, with x's own statistics."""
+    from . import cuda as gpu
+    on_host, shape3, (x3,), yd = _gpu_views(call, "x")
+    channels = shape3[1]
+    if call.x.size:
+        mean, var, invstd = gpu.normalize(x3, yd.reshape(shape3),
+                                          gpu.per_channel(call.gamma, channels, 1.0),
+                                          gpu.per_channel(call.beta, channels, 0.0), call.eps)
+    else:
+        mean = var = invstd = gpu.per_channel(np.zeros(0), 0)
+    if call.running_mean is not None:
+        count = shape3[0] * shape3[2]
+        _update_running(call, mean, var, count / (count - 1))
+    y, mean, invstd = _finish_on_gpu(yd, call.out, on_host, mean, invstd)
+    return y, BatchStats(mean, invstd)
+
+
+def _cuda_normalize_with(call, mean, var):
+    """Forward on the GPU with the given statistics (host or device arrays)."""
+    from . import cuda as gpu
+    on_host, shape3, (x3,), yd = _gpu_views(call, "x")
+    channels = shape3[1]
+    mean, var = gpu.per_channel(mean, channels), gpu.per_channel(var, channels)
+    invstd = gpu.normalize_eval(x3, yd.reshape(shape3), mean, var,
+                                gpu.per_channel(call.gamma, channels, 1.0),
+                                gpu.per_channel(call.beta, channels, 0.0), call.eps)
+    y, mean, invstd = _finish_on_gpu(yd, call.out, on_host, mean, invstd)
+    return y, BatchStats(mean, invstd)
+
+
+def _cuda_backward(call, add):
     from numba import cuda
     from . import cuda as gpu
-    on_host = isinstance(x, np.ndarray)
-    shape3 = _view_shape(x.shape, axis)
+    on_host, shape3, (x3, dy3), dxd = _gpu_views(call, "x", "dy")
     channels = shape3[1]
-    xd, dyd = _to_gpu("x", x), _to_gpu("dy", dy)
-    dxd = _gpu_result(out, x, on_host)
-    mean = gpu.per_channel(mean, channels)
-    invstd = gpu.per_channel(invstd, channels)
-    gamma = gpu.per_channel(gamma, channels, 1.0)
-    if x.size:
-        sum_dy, sum_dy_xmu = gpu.normalize_backward(dyd.reshape(shape3), xd.reshape(shape3),
-                                                    dxd.reshape(shape3), mean, invstd, gamma,
-                                                    training)
+    mean = gpu.per_channel(call.mean, channels)
+    invstd = gpu.per_channel(call.invstd, channels)
+    count = shape3[0] * shape3[2]
+    if call.x.size:
+        sum_dy, sum_dy_xmu = gpu.grad_sums(dy3, x3, mean)
     else:
         sum_dy = sum_dy_xmu = cuda.to_device(np.zeros(channels))
-    dgamma = gpu.product(sum_dy_xmu, invstd, grad_dtype)
-    dbeta = gpu.cast(sum_dy, grad_dtype)
-    if on_host:
-        return _to_host(dxd, out), dgamma.copy_to_host(), dbeta.copy_to_host()
-    return (dxd if out is None else out), dgamma, dbeta
+    if add is None:
+        total = sum_dy, sum_dy_xmu, count
+    else:
+        total_dy, total_dy_xmu, count = add(sum_dy.copy_to_host(), sum_dy_xmu.copy_to_host(), count)
+        total = cuda.to_device(total_dy), cuda.to_device(total_dy_xmu), count
+    if call.x.size:
+        gpu.backward_map(dy3, x3, dxd.reshape(shape3), mean, invstd,
+                         gpu.per_channel(call.gamma, channels, 1.0), *total, call.training)
+    dgamma = gpu.product(sum_dy_xmu, invstd, call.grad_dtype)
+    dbeta = gpu.cast(sum_dy, call.grad_dtype)
+    return _finish_on_gpu(dxd, call.out, on_host, dgamma, dbeta)
 
 
 # -- eval-mode batch norm as one multiply-add --------------------------------------------------

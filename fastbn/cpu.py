@@ -554,21 +554,33 @@ def normalize(x3, y3, shift, gamma, beta, eps):
 
 
 @_serial_when_small
-def normalize_backward(dy3, x3, dx3, mean, invstd, gamma, training):
-    """``dx`` of batch norm into ``dx3``; returns the float64 per-channel ``(Σdy, Σdy·(x − μ))``.
+def moments(x3):
+    """Per-channel float64 ``(mean, M2)`` of a non-empty C-contiguous ``(outer, C, inner)`` array."""
+    shift = x3[0, :, 0].astype(np.float64)
+    delta, m2 = _moments(x3, shift)
+    return shift + delta, m2
+
+
+@_serial_when_small
+def gradient_sums(dy3, x3, mean):
+    """Per-channel float64 ``(Σdy, Σdy·(x − mean))``, in one pass over dy and x."""
+    return _grad_sums(dy3, x3, mean)
+
+
+@_serial_when_small
+def backward_map(dy3, x3, dx3, mean, invstd, gamma, sum_dy, sum_dy_xmu, count, training):
+    """``dx`` of batch norm into ``dx3``, from the sums over the batch of ``count`` values per
+    channel that the statistics came from (x's own, or a larger batch that x is part of).
 
     ``training`` says whether the statistics were the batch's, so that the gradient flows through
     them: ``dx = p·dy + q·(x − μ) + r``; otherwise ``dx = p·dy``, with ``p = γ·invstd``.
     """
-    outer, channels, inner = x3.shape
-    sum_dy, sum_dy_xmu = _grad_sums(dy3, x3, mean)
-    p, q, r = _backward_coefficients(sum_dy, sum_dy_xmu, outer * inner, gamma, invstd)
+    p, q, r = _backward_coefficients(sum_dy, sum_dy_xmu, count, gamma, invstd)
     if training:
         grad_map(dy3, x3, dx3, mean, p, q, r)
     else:
-        zeros = np.zeros(channels)
+        zeros = np.zeros(x3.shape[1])
         affine(dy3, dx3, zeros, p, zeros)
-    return sum_dy, sum_dy_xmu
 
 
 @_serial_when_small

@@ -429,14 +429,27 @@ def affine(x3, y3, shift, scale, bias):
     _affine[_map_launch(x)](x, _as_rows(y3)[0], x3.shape[1], planar, shift, scale, bias)
 
 
+def _shift(x3):
+    """One value of each channel (its first), float64: statistics are taken of x minus it."""
+    shift = cuda.device_array(x3.shape[1], np.float64)
+    _first_values[_grid(x3.shape[1])](x3, shift)
+    return shift
+
+
+def batch_moments(x3):
+    """``(mean, M2)`` per channel as float64 host arrays: 2·C numbers, to merge or exchange."""
+    shift = _shift(x3)
+    delta, m2 = moments(x3, shift)
+    return shift.copy_to_host() + delta.copy_to_host(), m2.copy_to_host()
+
+
 def normalize(x3, y3, gamma, beta, eps):
     """Training forward on the device; returns device ``(mean, var, invstd)``, float64."""
     outer, channels, inner = x3.shape
     count = float(outer * inner)
     launch = _grid(channels)
     # Statistics of x − s, s one value of each channel, and the map centred about s, as on the CPU.
-    shift = cuda.device_array(channels, np.float64)
-    _first_values[launch](x3, shift)
+    shift = _shift(x3)
     delta, m2 = moments(x3, shift)
     mean, var, invstd, scale, bias = (cuda.device_array(channels, np.float64) for _ in range(5))
     _mean_and_var[launch](shift, delta, m2, count, mean, var)
@@ -446,7 +459,7 @@ def normalize(x3, y3, gamma, beta, eps):
 
 
 def normalize_eval(x3, y3, mean, var, gamma, beta, eps):
-    """Eval forward on the device with the given statistics; returns device ``invstd``."""
+    """Forward on the device with the given statistics; returns device ``invstd``."""
     channels = x3.shape[1]
     zeros = cuda.to_device(np.zeros(channels))
     invstd, scale, bias = (cuda.device_array(channels, np.float64) for _ in range(3))
@@ -455,13 +468,12 @@ def normalize_eval(x3, y3, mean, var, gamma, beta, eps):
     return invstd
 
 
-def normalize_backward(dy3, x3, dx3, mean, invstd, gamma, training):
-    """``dx`` into ``dx3``; returns device ``(Σdy, Σdy·(x − μ))``, float64."""
-    outer, channels, inner = x3.shape
-    sum_dy, sum_dy_xmu = grad_sums(dy3, x3, mean)
+def backward_map(dy3, x3, dx3, mean, invstd, gamma, sum_dy, sum_dy_xmu, count, training):
+    """``dx`` into ``dx3`` from the device sums over the batch of ``count`` values per channel
+    that the statistics came from (x's own, or a larger batch that x is part of)."""
+    channels = x3.shape[1]
     p, q, r = (cuda.device_array(channels, np.float64) for _ in range(3))
-    _backward_maps[_grid(channels)](sum_dy, sum_dy_xmu, float(outer * inner), gamma, invstd,
-                                    p, q, r)
+    _backward_maps[_grid(channels)](sum_dy, sum_dy_xmu, float(count), gamma, invstd, p, q, r)
     if training:
         x, planar = _as_rows(x3)
         _grad_map[_map_launch(x)](_as_rows(dy3)[0], x, _as_rows(dx3)[0], channels, planar, mean,
@@ -469,12 +481,11 @@ def normalize_backward(dy3, x3, dx3, mean, invstd, gamma, training):
     else:
         zeros = cuda.to_device(np.zeros(channels))
         affine(dy3, dx3, zeros, p, zeros)
-    return sum_dy, sum_dy_xmu
 
 
-def update_running(running_mean, running_var, mean, var, momentum, count):
-    """PyTorch's running-statistics update, on the device, in the running arrays' dtype."""
-    unbias = count / (count - 1)
+def update_running(running_mean, running_var, mean, var, momentum, unbias):
+    """PyTorch's running-statistics update, on the device, in the running arrays' dtype;
+    ``var·unbias`` is the unbiased variance."""
     _update_running[_grid(mean.size)](running_mean, running_var, mean, var, momentum, unbias)
 
 
