@@ -232,3 +232,24 @@ def test_error_matrix_leaves_device_arrays_unchanged(rng):
         with pytest.raises(error, match=regex):
             call()
         assert [host(a).tobytes() for a in arrays] == before, f"{name} modified an argument"
+
+
+@each_layout
+def test_moments_and_normalize_match_the_cpu(layout, rng):
+    shape, axis = layout.small, layout.axis
+    x, _, gamma, beta, rm, rv = make_case(rng, shape, axis, np.float32)
+    xd, rmd, rvd = on_device(x, rm, rv)
+    got = fastbn.moments(xd, axis=axis)
+    for a, b in zip(got, fastbn.moments(x, axis=axis)):
+        assert isinstance(a, np.ndarray)
+        assert_close(a, b, 1e-12)
+    total = fastbn.merge_moments(got, fastbn.moments(x[:2], axis=axis))
+    y, stats = fastbn.normalize(xd, total, gamma, beta, axis=axis, running_mean=rmd,
+                                running_var=rvd)
+    ry, rstats = fastbn.normalize(x, total, gamma, beta, axis=axis, running_mean=rm,
+                                  running_var=rv)
+    assert is_device_array(y) and is_device_array(stats.mean)
+    assert_close(host(y), ry, tol_for(np.float32), "y")
+    assert_close(host(stats.invstd), rstats.invstd, 1e-12, "invstd")
+    assert_close(host(rmd), rm, 1e-12, "running_mean")
+    assert_close(host(rvd), rv, 1e-12, "running_var")

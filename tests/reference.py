@@ -89,3 +89,13 @@ def backward(dy, x, mean, invstd, gamma=None, axis=1, training=True):
     else:
         dx = gam * invstd * g
     return _unrows(dx, x.shape, axis), dgamma, dbeta
+
+
+def moments(x, axis=1):
+    """(count, mean, M2) per channel, float64: M2 = Σ(x − mean)², by the shifted two-pass."""
+    r = _rows(x, axis)
+    if r.shape[0] == 0:
+        return np.zeros(r.shape[1]), np.zeros(r.shape[1]), np.zeros(r.shape[1])
+    d = r - r[0]
+    mean_d = d.mean(axis=0)
+    return np.full(r.shape[1], float(r.shape[0])), r[0] + mean_d, ((d - mean_d) ** 2).sum(axis=0)
