@@ -100,9 +100,10 @@ class BatchNorm:
             momentum = 1.0 / (self.num_batches_tracked + 1)  # the cumulative average
         running = (self.running_mean, self.running_var) if self.track_running_stats and \
             (updating or not batch_stats) else (None, None)
-        y, stats = forward(x, self.gamma, self.beta, axis=self.axis, training=batch_stats,
-                           running_mean=running[0], running_var=running[1],
-                           momentum=0.0 if momentum is None else momentum, eps=self.eps)
+        y, stats = self._forward(x, gamma=self.gamma, beta=self.beta, axis=self.axis,
+                                 training=batch_stats, running_mean=running[0],
+                                 running_var=running[1],
+                                 momentum=0.0 if momentum is None else momentum, eps=self.eps)
         if updating:
             self.num_batches_tracked += 1
         self._saved = x, stats, batch_stats
@@ -113,11 +114,17 @@ class BatchNorm:
         if self._saved is None:
             raise RuntimeError("backward needs a forward first: it differentiates the last one")
         x, stats, batch_stats = self._saved
-        dx, dgamma, dbeta = backward(dy, x, stats, self.gamma, axis=self.axis,
-                                     training=batch_stats)
+        dx, dgamma, dbeta = self._backward(dy, x, stats, self.gamma, axis=self.axis,
+                                           training=batch_stats)
         if self.affine:
             self.dgamma, self.dbeta = dgamma, dbeta
         return dx
+
+    def _forward(self, x, **options):  # what SyncBatchNorm replaces
+        return forward(x, **options)
+
+    def _backward(self, dy, x, stats, gamma, **options):
+        return backward(dy, x, stats, gamma, **options)
 
     def params(self):
         """``{"gamma": ..., "beta": ...}`` (the arrays themselves), or ``{}`` without affine."""

@@ -1,0 +1,217 @@
+"""fastbn.distributed on every rank, run by tests/test_distributed.py as
+``mpiexec -n P python tests/mpi_cases.py``.
+
+Every rank builds the same global batch from one seed and takes its slice (uneven sizes, and an
+empty slice with 3 or more ranks). Each check compares the synchronized result with
+single-process fastbn on the whole batch and with the float64 reference. A failing rank prints
+its traceback and aborts the job, so that no rank is left waiting.
+"""
+import os
+import sys
+import traceback
+
+import numpy as np
+from mpi4py import MPI
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import fastbn  # noqa: E402
+from fastbn import distributed  # noqa: E402
+
+import reference  # noqa: E402
+from _util import assert_close, make_case  # noqa: E402
+
+comm = MPI.COMM_WORLD
+rank, size = comm.Get_rank(), comm.Get_size()
+SPLITS = {2: [[3, 8], [1, 1]], 3: [[5, 0, 9], [0, 4, 1]]}[size]
+LAYOUTS = [((None, 6), 1), ((None, 4, 3, 5), 1), ((None, 3, 5, 4), -1), ((None, 2, 7), 1)]
+checks = []
+
+
+def check(func):
+    checks.append(func)
+    return func
+
+
+def my_slice(a, sizes):
+    start = sum(sizes[:rank])
+    return a[start:start + sizes[rank]]
+
+
+def same_everywhere(*arrays):
+    """The arrays hold the same bits on every rank."""
+    mine = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)
+    assert all(b == mine for b in comm.allgather(mine)), "ranks got different bits"
+
+
+def summed(a):
+    return comm.allreduce(np.asarray(a, np.float64), op=MPI.SUM)
+
+
+def global_case(shape, axis, sizes, dtype=np.float64, seed=0):
+    shape = (sum(sizes),) + shape[1:]
+    return make_case(np.random.default_rng(seed), shape, axis, dtype)
+
+
+@check
+def forward_and_backward_equal_the_concatenated_batch():
+    for sizes in SPLITS:
+        for shape, axis in LAYOUTS:
+            x, dy, gamma, beta, rm, rv = global_case(shape, axis, sizes)
+            ry, rmean, rinvstd, rrm, rrv = reference.forward(x, gamma, beta, axis, True, rm, rv)
+            rdx, rdg, rdb = reference.backward(dy, x, rmean, rinvstd, gamma, axis)
+            rm_full, rv_full = rm.copy(), rv.copy()
+            y_full, st_full = fastbn.forward(x, gamma, beta, axis=axis, running_mean=rm_full,
+                                             running_var=rv_full)
+            dx_full, dg_full, db_full = fastbn.backward(dy, x, st_full, gamma, axis=axis)
+
+            mine_rm, mine_rv = rm.copy(), rv.copy()
+            y, st = distributed.forward(my_slice(x, sizes), gamma, beta, axis=axis,
+                                        running_mean=mine_rm, running_var=mine_rv)
+            dx, dg, db = distributed.backward(my_slice(dy, sizes), my_slice(x, sizes), st, gamma,
+                                              axis=axis)
+            where = f"sizes {sizes}, shape {x.shape}, axis {axis}"
+            for got, single, ref, name in [
+                    (y, my_slice(y_full, sizes), my_slice(ry, sizes), "y"),
+                    (st.mean, st_full.mean, rmean, "mean"),
+                    (st.invstd, st_full.invstd, rinvstd, "invstd"),
+                    (mine_rm, rm_full, rrm, "running_mean"), (mine_rv, rv_full, rrv, "running_var"),
+                    (dx, my_slice(dx_full, sizes), my_slice(rdx, sizes), "dx"),
+                    (summed(dg), dg_full, rdg, "dgamma (summed over ranks)"),
+                    (summed(db), db_full, rdb, "dbeta (summed over ranks)")]:
+                assert_close(got, single, 1e-10, f"{name} vs single process, {where}")
+                assert_close(got, ref, 1e-10, f"{name} vs reference, {where}")
+            same_everywhere(st.mean, st.invstd, mine_rm, mine_rv)
+
+
+@check
+def float32_in_place_and_eval():
+    sizes = SPLITS[0]
+    x, dy, gamma, beta, rm, rv = global_case((None, 5, 8), 1, sizes, np.float32, seed=1)
+    y_full, st_full = fastbn.forward(x, gamma, beta)
+    mine = my_slice(x, sizes).copy()
+    y, st = distributed.forward(mine, gamma, beta, out=mine)
+    assert y is mine
+    assert_close(y, my_slice(y_full, sizes), 1e-5, "float32 y")
+    assert_close(st.invstd, st_full.invstd, 1e-12, "float32 invstd")
+    # eval: running statistics, no exchange: the same as single process on the slice
+    y_eval, _ = distributed.forward(my_slice(x, sizes), gamma, beta, training=False,
+                                    running_mean=rm, running_var=rv)
+    expected, _ = fastbn.forward(my_slice(x, sizes), gamma, beta, training=False,
+                                 running_mean=rm, running_var=rv)
+    assert np.array_equal(y_eval, expected)
+
+
+@check
+def sync_layer_equals_one_layer_on_the_whole_batch():
+    for momentum in (0.1, None):
+        sizes = SPLITS[0]
+        single = fastbn.BatchNorm(4, momentum=momentum, dtype=np.float64)
+        synced = distributed.SyncBatchNorm(4, momentum=momentum, dtype=np.float64)
+        for step in range(3):
+            x, dy, _, _, _, _ = global_case((None, 4, 6), 1, sizes, seed=10 + step)
+            y_full = single(x)
+            dx_full = single.backward(dy)
+            y = synced(my_slice(x, sizes))
+            dx = synced.backward(my_slice(dy, sizes))
+            assert_close(y, my_slice(y_full, sizes), 1e-10, "layer y")
+            assert_close(dx, my_slice(dx_full, sizes), 1e-10, "layer dx")
+            for name, g in synced.grads().items():
+                assert_close(summed(g), single.grads()[name], 1e-10, f"layer d{name}")
+            for key, value in single.state_dict().items():
+                assert_close(synced.state_dict()[key], value, 1e-10, key)
+            lr = 0.1
+            for layer in (single, synced):  # a step of SGD, on the summed gradients
+                grads = {k: summed(g) if layer is synced else g for k, g in layer.grads().items()}
+                for k, p in layer.params().items():
+                    p -= lr * grads[k]
+        synced.eval()
+        x = global_case((None, 4, 6), 1, sizes, seed=99)[0]
+        assert_close(synced(my_slice(x, sizes)), my_slice(single.eval()(x), sizes), 1e-10,
+                     "eval after training")
+
+
+@check
+def convert_swaps_batchnorm_layers_in_a_model():
+    class Net:
+        def __init__(self):
+            self.blocks = [fastbn.BatchNorm(3), {"bn": fastbn.BatchNorm2d(5), "w": np.ones(2)}]
+            self.head = fastbn.BatchNorm1d(2)
+
+        def __call__(self, x):
+            return x
+
+    net = Net()
+    gamma = net.head.gamma
+    same = distributed.SyncBatchNorm.convert(net)
+    assert same is net
+    layers = [net.blocks[0], net.blocks[1]["bn"], net.head]
+    assert all(isinstance(layer, distributed.SyncBatchNorm) for layer in layers)
+    assert net.head.gamma is gamma, "the converted layer shares the arrays"
+    assert isinstance(distributed.SyncBatchNorm.convert(fastbn.BatchNorm(3)),
+                      distributed.SyncBatchNorm)
+
+
+def expect_error(error, text, call):
+    try:
+        call()
+    except error as e:
+        assert text in str(e), f"{text!r} not in {str(e)!r}"
+        return str(e)
+    raise AssertionError(f"no {error.__name__} ({text})")
+
+
+@check
+def disagreeing_ranks_raise_everywhere():
+    rng = np.random.default_rng(rank)
+    c = 3 if rank == 0 else 4
+    expect_error(ValueError, "disagree on x's channel count C",
+                 lambda: distributed.forward(rng.standard_normal((4, c))))
+    dtype = np.float32 if rank == 0 else np.float64
+    expect_error(ValueError, "disagree on x's dtype",
+                 lambda: distributed.forward(rng.standard_normal((4, 3)).astype(dtype)))
+    axis = 1 if rank == 0 else 2
+    expect_error(ValueError, "disagree on x's channel axis",
+                 lambda: distributed.forward(rng.standard_normal((4, 3, 3)), axis=axis))
+    x = rng.standard_normal((4, 3))
+    _, stats = distributed.forward(x)
+    expect_error(ValueError, "disagree on x's channel count C",
+                 lambda: distributed.backward(np.ones((4, c)), rng.standard_normal((4, c)),
+                                              fastbn.BatchStats(np.zeros(c), np.ones(c))))
+    # after the errors, the ranks are still in step
+    y, again = distributed.forward(x)
+    assert_close(again.mean, stats.mean, 0, "a good call after the errors")
+
+
+@check
+def a_bad_argument_on_one_rank_raises_on_every_rank():
+    x = np.random.default_rng(rank).standard_normal((4, 3))
+    rm, rv = np.zeros(3), np.ones(3)
+    gamma = np.ones(4 if rank == size - 1 else 3)
+    if rank == size - 1:
+        expect_error(ValueError, "gamma must have shape (3,)",
+                     lambda: distributed.forward(x, gamma, running_mean=rm, running_var=rv))
+    else:
+        expect_error(ValueError, f"rank {size - 1} of {size} raised ValueError: gamma",
+                     lambda: distributed.forward(x, gamma, running_mean=rm, running_var=rv))
+    assert not rm.any() and np.all(rv == 1), "running statistics untouched"
+    dy = np.ones((4, 3), np.float32 if rank == 0 else np.float64)
+    stats = distributed.forward(x)[1]
+    expect_error(TypeError, "dy", lambda: distributed.backward(dy, x, stats))
+
+
+@check
+def a_global_batch_of_one_value_per_channel_is_refused():
+    x = np.ones((1 if rank == 0 else 0, 3))
+    expect_error(ValueError, f"the global batch over {size} ranks has 1",
+                 lambda: distributed.forward(x))
+
+
+failures = 0
+for func in checks:
+    try:
+        func()
+    except Exception:
+        print(f"rank {rank}: {func.__name__} FAILED\n{traceback.format_exc()}", flush=True)
+        comm.Abort(1)
+print(f"rank {rank} of {size}: {len(checks)} checks passed", flush=True)
