@@ -653,10 +653,15 @@ def merge_moments(*parts):
     if not parts:
         raise TypeError("merge_moments needs at least one Moments")
     first = _as_moments("parts[0]", parts[0])
-    count, mean, m2 = (a.copy() for a in first)
-    where = f"parts[0].mean (shape {mean.shape})"
-    for k, part in enumerate(parts[1:], 1):
-        n_b, mean_b, m2_b = _as_moments(f"parts[{k}]", part, mean.shape[0], where)
+    where = f"parts[0].mean (shape {first.mean.shape})"
+    return _merge([first] + [_as_moments(f"parts[{k}]", part, first.mean.shape[0], where)
+                             for k, part in enumerate(parts[1:], 1)])
+
+
+def _merge(parts):
+    """merge_moments of checked parts."""
+    count, mean, m2 = (np.array(a, np.float64) for a in parts[0])
+    for n_b, mean_b, m2_b in parts[1:]:
         total = count + n_b
         share = np.divide(n_b, total, out=np.zeros_like(total), where=total > 0)
         delta = mean_b - mean

@@ -110,7 +110,8 @@ def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=Non
         _exchange(comm, None, error)
 
     def merge(mine):
-        total = _api.merge_moments(*_exchange(comm, (_layout(call.x, call.axis), mine)))
+        # every rank's Moments, made by fastbn there, of one agreed layout: merged unchecked
+        total = _api._merge(_exchange(comm, (_layout(call.x, call.axis), mine)))
         if total.count.size and total.count[0] < 2:
             raise ValueError(f"training needs more than one value per channel, but the global "
                              f"batch over {comm.Get_size()} ranks has {total.count[0]:g} (this "
