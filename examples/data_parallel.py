@@ -13,7 +13,7 @@ So every rank holds the same model, the one a single process would train on the 
 ``--check`` trains that single-process model too, on rank 0, and prints how far apart they are.
 
     pip install -e ".[mpi,examples]"
-    mpiexec -n 2 python examples/data_parallel.py [--steps 1000] [--check]
+    mpiexec -n 2 python -m mpi4py examples/data_parallel.py [--steps 1000] [--check]
 """
 import argparse
 import os

@@ -322,6 +322,8 @@ def _check_forward(x, gamma, beta, axis, training, running_mean, running_var, mo
             raise TypeError("running_mean and running_var must live in the same place: both "
                             "CUDA arrays or both NumPy arrays")
     _check_out(out, x, x=x)
+    if gpu:
+        _check_gpu_contiguous("x", x)
     if training and running_mean is not None:
         # Written in place after y: they must not share memory with what else is read or written.
         pairs = [("running_mean", running_mean, "running_var", running_var)]
@@ -373,17 +375,10 @@ def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=Non
                                    momentum, eps, out, device))
 
 
-def _forward(call, merge=None):
-    """Run a checked forward call.
-
-    ``merge``, given for a batch spread over processes (fastbn.distributed), takes x's
-    ``Moments`` and returns the whole batch's.
-    """
+def _forward(call):
+    """Run a checked forward call."""
     if not call.training:
         return _normalize_with(call, call.running_mean, call.running_var)
-    if merge is not None:
-        total = merge(_batch_moments(call.x, call.axis, call.gpu))
-        return _normalize_with(call, *_variances(total))
     if call.gpu:
         return _cuda_forward(call)
     x, axis = call.x, call.axis
@@ -490,6 +485,9 @@ def _check_backward(dy, x, stats, gamma, axis, training, out, device):
         grad_dtype = gamma_dtype if gamma_dtype.kind == "f" else x.dtype
     gamma = _per_channel("gamma", gamma, channels, where, gpu)
     _check_out(out, x, x=x, dy=dy)
+    if gpu:
+        _check_gpu_contiguous("x", x)
+        _check_gpu_contiguous("dy", dy)
     if gpu and grad_dtype not in _DATA_DTYPES:
         raise TypeError(f"on the GPU, gamma must be float32 or float64 (dgamma and dbeta take its "
                         f"dtype), got {grad_dtype}")
@@ -580,7 +578,7 @@ class Moments(NamedTuple):
 def _batch_moments(x, axis, gpu):
     channels, count = x.shape[axis], _values_per_channel(x, axis)
     if count == 0 or channels == 0:
-        mean = m2 = np.zeros(channels)
+        mean, m2 = np.zeros(channels), np.zeros(channels)
     elif gpu:
         from . import cuda as gpu_module
         x3 = _to_gpu("x", x).reshape(_view_shape(x.shape, axis))
@@ -623,14 +621,19 @@ def _as_moments(name, moments_, channels=None, where=""):
         raise TypeError(f"{name} must be a Moments (count, mean, m2), got "
                         f"{type(moments_).__name__}") from None
     if channels is None:
-        channels = np.shape(mean)[0] if np.ndim(mean) == 1 else -1
+        if np.ndim(mean) != 1:
+            raise ValueError(f"{name}.mean must be 1-D, one value per channel, got shape "
+                             f"{np.shape(mean)}")
+        channels = np.shape(mean)[0]
         where = f"{name}.mean (shape {np.shape(mean)})"
     parts = [_per_channel(f"{name}.{field}", a, channels, where)
              for field, a in zip(Moments._fields, (count, mean, m2))]
     if parts[0] is None or parts[1] is None or parts[2] is None:
         raise TypeError(f"{name} must hold three arrays (count, mean, m2), got None")
-    if (parts[0] < 0).any() or (parts[2] < 0).any():
-        raise ValueError(f"{name}: count and m2 must be >= 0")
+    if not (np.isfinite(parts[0]).all() and (parts[0] >= 0).all()):
+        raise ValueError(f"{name}: count must be finite and >= 0, got {parts[0]}")
+    if (parts[2] < 0).any():  # NaN passes: a NaN in the data spoils its channel, as in forward
+        raise ValueError(f"{name}: m2 must be >= 0")
     return Moments(*parts)
 
 
@@ -682,7 +685,8 @@ def normalize(x, moments, gamma=None, beta=None, *, axis=1, running_mean=None, r
 
     ``y = γ·(x − mean)/sqrt(m2/count + eps) + β`` with ``moments`` (from ``moments`` and
     ``merge_moments``), and the running statistics updated as ``forward`` does, with that batch's
-    unbiased variance ``m2/(count − 1)``.
+    unbiased variance ``m2/(count − 1)``: once per call, so when a batch is normalized chunk by
+    chunk, pass them with one chunk's call only.
 
     Parameters
     ----------
@@ -717,14 +721,19 @@ def _view_shape(shape, axis):
     return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
 
 
+def _check_gpu_contiguous(name, a):
+    """A CUDA array read on the GPU must be C-contiguous (a NumPy one is copied in contiguous)."""
+    if not isinstance(a, np.ndarray) and not a.is_c_contiguous():
+        raise ValueError(f"{name} (shape {a.shape}, strides {a.strides}) must be C-contiguous on "
+                         f"the GPU; make a contiguous copy first")
+
+
 def _to_gpu(name, a):
     """A C-contiguous device array of ``a``: a host array is copied in, a device one viewed."""
     from numba import cuda
+    _check_gpu_contiguous(name, a)
     if isinstance(a, np.ndarray):
         return cuda.to_device(np.ascontiguousarray(a))
-    if not a.is_c_contiguous():
-        raise ValueError(f"{name} (shape {a.shape}, strides {a.strides}) must be C-contiguous on "
-                         f"the GPU; make a contiguous copy first")
     return a
 
 

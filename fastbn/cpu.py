@@ -83,7 +83,8 @@ def execution_policy():
 
 
 def _after_fork_in_child():
-    global _policy
+    global _policy, _pool_lock
+    _pool_lock = threading.Lock()  # another thread of the parent may have held it at the fork
     try:
         layer = numba.threading_layer()
     except ValueError:  # the parent never started the pool: the child starts its own

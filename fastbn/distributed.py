@@ -15,10 +15,12 @@ communicator, and return what single-process batch norm returns on the concatena
 Ranks may hold different batch sizes, an empty one included. Every argument is checked before the
 exchange, and the exchange carries each rank's verdict and its (ndim, axis, C, dtype): a bad
 argument on one rank, or ranks that disagree, raise an error on every rank instead of leaving
-the others waiting. In eval mode nothing is exchanged.
+the others waiting. In eval mode nothing is exchanged, so ``training`` must agree across ranks.
+Run programs as ``mpiexec -n 4 python -m mpi4py train.py``, so that an error no check foresees
+(out of memory mid-call) aborts every rank.
 
-Needs mpi4py and an MPI library: ``pip install "fastbn[mpi]"`` (mpi4py and MPICH), then run the
-program with ``mpiexec -n 4 python train.py``. Importing this module initializes MPI.
+Needs mpi4py and an MPI library: ``pip install "fastbn[mpi]"`` (mpi4py and MPICH). Importing this
+module initializes MPI.
 """
 import types
 
@@ -66,7 +68,7 @@ def _exchange(comm, mine, failure=None):
     failed = [(rank, report) for rank, (bad, report) in enumerate(everyone) if bad]
     if failed:
         rank, (kind, message) = failed[0]
-        error = TypeError if kind == "TypeError" else ValueError
+        error = {"TypeError": TypeError, "ValueError": ValueError}.get(kind, RuntimeError)
         raise error(f"rank {rank} of {comm.Get_size()} raised {kind}: {message}")
     layouts = [layout for _, (layout, _) in everyone]
     for what, k in (("number of dimensions", 0), ("channel axis", 1), ("channel count C", 2),
@@ -86,7 +88,8 @@ def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=Non
     ----------
     x, gamma, beta, axis, training, running_mean, running_var, momentum, eps, out, device
         As for ``fastbn.forward``. x is this rank's slice of the batch, any size (empty too);
-        training needs more than one value per channel in the global batch.
+        training needs more than one value per channel in the global batch. ``training`` must be
+        the same on every rank.
     comm : mpi4py communicator, optional
         The ranks that share the batch; ``MPI.COMM_WORLD`` by default. Collective: every rank
         of ``comm`` must call.
@@ -99,26 +102,25 @@ def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=Non
         The global ``(mean, invstd)``, the same on every rank, for ``backward``.
     """
     comm = _communicator(comm)
-    if not _api._flag("training", training):
+    try:
+        training = _api._flag("training", training)
+        if training:
+            call = _api._check_forward(x, gamma, beta, axis, True, running_mean, running_var,
+                                       momentum, eps, out, device, own_statistics=False)
+            mine = _api._batch_moments(call.x, call.axis, call.gpu)
+    except Exception as error:  # the other ranks learn of it in the exchange, and raise too
+        _exchange(comm, None, error)
+    if not training:  # running statistics: nothing to exchange
         return _api.forward(x, gamma, beta, axis=axis, training=False, running_mean=running_mean,
                             running_var=running_var, momentum=momentum, eps=eps, out=out,
                             device=device)
-    try:
-        call = _api._check_forward(x, gamma, beta, axis, True, running_mean, running_var,
-                                   momentum, eps, out, device, own_statistics=False)
-    except (TypeError, ValueError) as error:
-        _exchange(comm, None, error)
-
-    def merge(mine):
-        # every rank's Moments, made by fastbn there, of one agreed layout: merged unchecked
-        total = _api._merge(_exchange(comm, (_layout(call.x, call.axis), mine)))
-        if total.count.size and total.count[0] < 2:
-            raise ValueError(f"training needs more than one value per channel, but the global "
-                             f"batch over {comm.Get_size()} ranks has {total.count[0]:g} (this "
-                             f"rank's x has shape {call.x.shape}, channel axis {call.axis})")
-        return total
-
-    return _api._forward(call, merge)
+    # every rank's Moments, made by fastbn there, of one agreed layout: merged unchecked
+    total = _api._merge(_exchange(comm, (_layout(call.x, call.axis), mine)))
+    if total.count.size and total.count[0] < 2:
+        raise ValueError(f"training needs more than one value per channel, but the global batch "
+                         f"over {comm.Get_size()} ranks has {total.count[0]:g} (this rank's x has "
+                         f"shape {call.x.shape}, channel axis {call.axis})")
+    return _api._normalize_with(call, *_api._variances(total))
 
 
 def backward(dy, x, stats, gamma=None, *, axis=1, training=True, out=None, device=None,
@@ -129,6 +131,7 @@ def backward(dy, x, stats, gamma=None, *, axis=1, training=True, out=None, devic
     ----------
     dy, x, stats, gamma, axis, training, out, device
         As for ``fastbn.backward``: this rank's slices, and the stats that ``forward`` returned.
+        ``training`` must be the same on every rank.
     comm : mpi4py communicator, optional
         The ranks of the forward call; ``MPI.COMM_WORLD`` by default. Collective.
 
@@ -140,13 +143,15 @@ def backward(dy, x, stats, gamma=None, *, axis=1, training=True, out=None, devic
         This rank's share of them: summed over the ranks they give the global batch's.
     """
     comm = _communicator(comm)
-    if not _api._flag("training", training):  # constant statistics: nothing couples the ranks
+    try:
+        training = _api._flag("training", training)
+        if training:
+            call = _api._check_backward(dy, x, stats, gamma, axis, True, out, device)
+    except Exception as error:
+        _exchange(comm, None, error)
+    if not training:  # constant statistics: nothing couples the ranks
         return _api.backward(dy, x, stats, gamma, axis=axis, training=False, out=out,
                              device=device)
-    try:
-        call = _api._check_backward(dy, x, stats, gamma, axis, True, out, device)
-    except (TypeError, ValueError) as error:
-        _exchange(comm, None, error)
 
     def add(sum_dy, sum_dy_xmu, count):
         everyone = _exchange(comm, (_layout(call.x, call.axis), (sum_dy, sum_dy_xmu, count)))

@@ -220,6 +220,8 @@ def _bad_calls(rng):
             buffer[:x.size].reshape(x.shape), running_mean=rmd, running_var=rvd, out=shifted)),
         ("dy shape", ValueError, "dy", lambda: fastbn.backward(
             cuda.to_device(dy[:, :, :4].copy()), xd, stats, out=out)),
+        ("dy not contiguous", ValueError, "dy .*C-contiguous", lambda: fastbn.backward(
+            cuda.to_device(np.asfortranarray(dy)), xd, stats, out=out)),
         ("stats of another C", ValueError, "mean|invstd", lambda: fastbn.backward(
             dyd, xd, fastbn.BatchStats(*on_device(np.zeros(4), np.ones(4))), out=out)),
     ], [xd, dyd, rmd, rvd, out, buffer, stats.mean, stats.invstd]

@@ -29,7 +29,7 @@ if GPU:
 
 comm = MPI.COMM_WORLD
 rank, size = comm.Get_rank(), comm.Get_size()
-SPLITS = {2: [[3, 8], [1, 1]], 3: [[5, 0, 9], [0, 4, 1]]}[size]
+SPLITS = {2: [[3, 8], [1, 1], [0, 6]], 3: [[5, 0, 9], [0, 4, 1]]}[size]
 LAYOUTS = [((None, 6), 1), ((None, 4, 3, 5), 1), ((None, 3, 5, 4), -1), ((None, 2, 7), 1)]
 checks = []
 
@@ -84,6 +84,8 @@ def forward_and_backward_equal_the_concatenated_batch():
             dx_full, dg_full, db_full = fastbn.backward(dy, x, st_full, gamma, axis=axis)
 
             mine_rm, mine_rv = rm.copy(), rv.copy()
+            if GPU and sizes is SPLITS[-1]:  # running statistics on the device, updated there
+                mine_rm, mine_rv = on_device(mine_rm), on_device(mine_rv)
             x_mine = on_device(my_slice(x, sizes))
             y, st = distributed.forward(x_mine, gamma, beta, axis=axis, running_mean=mine_rm,
                                         running_var=mine_rv)
@@ -91,6 +93,7 @@ def forward_and_backward_equal_the_concatenated_batch():
                                               axis=axis)
             y, dx, dg, db = host(y), host(dx), host(dg), host(db)
             st = fastbn.BatchStats(host(st.mean), host(st.invstd))
+            mine_rm, mine_rv = host(mine_rm), host(mine_rv)
             where = f"sizes {sizes}, shape {x.shape}, axis {axis}"
             for got, single, ref, name in [
                     (y, my_slice(y_full, sizes), my_slice(ry, sizes), "y"),
@@ -219,6 +222,13 @@ def a_bad_argument_on_one_rank_raises_on_every_rank():
     dy = np.ones((4, 3), np.float32 if rank == 0 else np.float64)
     stats = distributed.forward(x)[1]
     expect_error(TypeError, "dy", lambda: distributed.backward(dy, x, stats))
+    # not a TypeError or ValueError: no GPU here for rank 0's device="cuda"
+    device = "cuda" if rank == 0 else None
+    expect_error(RuntimeError, "CUDA" if rank == 0 else "rank 0 of",
+                 lambda: distributed.forward(x, device=device))
+    flag = "yes" if rank == 0 else True  # not a bool
+    expect_error(TypeError, "training", lambda: distributed.forward(x, training=flag))
+    expect_error(TypeError, "training", lambda: distributed.backward(x, x, stats, training=flag))
 
 
 @check

@@ -23,14 +23,16 @@ def _mpiexec():
 
 
 def _run(ranks, script, *args, **environment):
-    """``mpiexec -n ranks python script args`` from the repository; (stdout, stdout + stderr)."""
+    """``mpiexec -n ranks python -m mpi4py script args``; (stdout, stdout + stderr)."""
     mpiexec = _mpiexec()
     assert mpiexec, "no mpiexec: install the test extra (mpich) or an MPI library"
     env = dict(os.environ, NUMBA_NUM_THREADS="1",  # ranks × threads within the cores
                PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
                **environment)
-    proc = subprocess.run([mpiexec, "-n", str(ranks), sys.executable, os.path.join(ROOT, script),
-                           *args], env=env, capture_output=True, text=True, timeout=600)
+    # python -m mpi4py: an uncaught exception on one rank aborts them all, rather than a hang
+    proc = subprocess.run([mpiexec, "-n", str(ranks), sys.executable, "-m", "mpi4py",
+                           os.path.join(ROOT, script), *args],
+                          env=env, capture_output=True, text=True, timeout=600)
     report = proc.stdout + proc.stderr
     assert proc.returncode == 0, report[-5000:]
     return proc.stdout, report

@@ -60,6 +60,7 @@ def test_merge_is_in_the_order_given_and_ignores_empty_parts(rng):
     a, b = fastbn.moments(x[:5]), fastbn.moments(x[5:])
     empty = fastbn.moments(x[:0])
     assert not empty.count.any() and not empty.mean.any() and not empty.m2.any()
+    assert not np.shares_memory(empty.mean, empty.m2)
     ab = fastbn.merge_moments(a, b)
     for with_empty in (fastbn.merge_moments(empty, a, b), fastbn.merge_moments(a, empty, b),
                        fastbn.merge_moments(a, b, empty)):
@@ -110,6 +111,7 @@ def test_normalize_in_place_and_into_out(rng):
     ("not moments", TypeError, r"parts\[1\] must be a Moments"),
     ("other C", ValueError, r"parts\[1\]\.count must have shape \(3,\)"),
     ("negative count", ValueError, r"parts\[1\]: count"),
+    ("0-d mean", ValueError, r"parts\[0\]\.mean must be 1-D"),
 ])
 def test_merge_errors(bad, error, match, rng):
     a = fastbn.moments(make_x(rng, (5, 3)))
@@ -117,6 +119,8 @@ def test_merge_errors(bad, error, match, rng):
         make_x(rng, (5, 3)))
     if bad == "negative count":
         b = b._replace(count=-b.count)
+    if bad == "0-d mean":
+        a = fastbn.Moments(np.float64(5), np.float64(1), np.float64(2))
     args = {"no parts": (), "not moments": (a, 3.0)}.get(bad, (a, b))
     snap = Snapshot(**{f"{k}{i}": v for i, m in enumerate(args) if isinstance(m, tuple)
                        for k, v in zip("cmv", m)})
@@ -134,7 +138,8 @@ def test_normalize_errors_leave_everything_unchanged(rng):
             (fastbn.moments(make_x(rng, (5, 4))), ValueError, "moments.count"),
             (good._replace(count=np.ones(3)), ValueError, "more than one value"),
             ((good.count, good.mean), TypeError, "Moments"),
-            (good._replace(m2=-good.m2), ValueError, "m2")]:
+            (good._replace(m2=-good.m2), ValueError, "m2"),
+            (good._replace(count=np.full(3, np.nan)), ValueError, "count must be finite")]:
         with pytest.raises(error, match=match):
             fastbn.normalize(x, moments, running_mean=rm, running_var=rv, out=out)
         snap.assert_unchanged()
