@@ -436,9 +436,10 @@ def _update_running(call, mean, var, unbias):
     if _is_cuda_array(call.running_mean):
         from . import cuda as gpu
         channels = call.x.shape[call.axis]
+        # batch statistics from the GPU are float64 device arrays already: no copy on that path
+        mean, var = (a if _is_cuda_array(a) else gpu.per_channel(a, channels) for a in (mean, var))
         gpu.update_running(_device_view(call.running_mean), _device_view(call.running_var),
-                           gpu.per_channel(mean, channels), gpu.per_channel(var, channels),
-                           momentum, unbias)
+                           mean, var, momentum, unbias)
         return
     mean, var = (a.copy_to_host() if _is_cuda_array(a) else a for a in (mean, var))
     call.running_mean[...] = (1.0 - momentum) * call.running_mean + momentum * mean
