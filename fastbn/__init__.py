@@ -5,8 +5,10 @@
 >>> y, stats = fastbn.forward(x)                        # training mode, channel axis 1
 >>> dx, dgamma, dbeta = fastbn.backward(np.ones_like(y), x, stats)
 """
-from ._api import (BatchStats, Moments, backward, cuda_available, fold, forward, inference_affine,
-                   merge_moments, moments, normalize)
+from ._batchnorm import BatchStats, backward, forward
+from ._checks import cuda_available
+from ._fold import fold, inference_affine
+from ._moments import Moments, merge_moments, moments, normalize
 from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchStats", "Moments",

@@ -3,7 +3,9 @@
 N×D becomes ``(N, D, 1)``, N×C×H×W ``(N, C, H·W)``, N×H×W×C ``(N·H·W, C, 1)``: a reshape, never a
 copy. An array whose axes are merely permuted in memory (a transposed NHWC array read as NCHW, a
 Fortran-order array) is viewed in its memory order, so it is not copied either; only an array with
-gaps or negative strides is copied to a contiguous one.
+gaps or negative strides is copied to a contiguous one. A CUDA array must be C-contiguous (the
+checks see to it) and is viewed as it is; a NumPy array bound for the GPU is viewed in C order, as
+it is copied there (``in_memory_order=False``).
 """
 import math
 
@@ -13,9 +15,9 @@ import numpy as np
 class ChannelView:
     """How arrays of one shape, memory order and channel axis map onto ``(outer, C, inner)``."""
 
-    def __init__(self, x, axis):
+    def __init__(self, x, axis, in_memory_order=True):
         perm = identity = tuple(range(x.ndim))
-        if not x.flags.c_contiguous:
+        if in_memory_order and isinstance(x, np.ndarray) and not x.flags.c_contiguous:
             by_stride = tuple(sorted(perm, key=lambda a: -x.strides[a]))
             if x.transpose(by_stride).flags.c_contiguous:
                 perm = by_stride
@@ -28,6 +30,8 @@ class ChannelView:
 
     def of(self, a):
         """``a`` (x's shape) as ``(outer, C, inner)``: a view if ``a`` is laid out like x, else a copy."""
+        if not isinstance(a, np.ndarray):  # a C-contiguous CUDA array
+            return a.reshape(self.shape)
         return np.ascontiguousarray(a.transpose(self.perm)).reshape(self.shape)
 
     def output(self, out, dtype):

@@ -1,27 +1,41 @@
-"""CPU kernels: Numba-parallel per-channel reductions and affine maps.
+"""The CPU device: Numba-parallel per-channel reductions and affine maps, and the steps of batch norm.
 
-Every kernel works on the ``(outer, C, inner)`` view built by ``fastbn._layout``, in one of two
-families:
+Both device modules, this one and fastbn/cuda.py, expose the same steps, with the same names,
+arguments and results, in this order; each works on the ``(outer, C, inner)`` view that
+fastbn._layout builds, and per-channel vectors are float64 arrays of the device
+(docs/design.md §2):
+
+==================== ====================================================== =================
+step                 function                                               returns
+==================== ====================================================== =================
+where arrays go      ``view(x, axis)``, ``operands(view, *arrays)``,        views, an output,
+                     ``output(view, out, like)``, ``to_host(a)``,           vectors
+                     ``per_channel(values, C, fill=None, copy=False)``
+statistics           ``moments(x3)``                                        ``(s, δ, M2)``
+training forward map ``forward_map(x3, y3, s, δ, M2, γ, β, eps)``           ``(μ, σ², invstd)``
+map with statistics  ``normalize_with(x3, y3, μ, σ², γ, β, eps)``           ``invstd``
+(eval, normalize)
+gradient sums        ``gradient_sums(dy3, x3, μ)``                          ``(Σdy, Σdy·(x−μ))``
+backward map         ``backward_map(dy3, x3, dx3, μ, invstd, γ, Σdy,        –
+                     Σdy·(x−μ), count, training)``
+parameter gradients  ``parameter_gradients(Σdy, Σdy·(x−μ), invstd, dtype)`` ``(dγ, dβ)``
+running statistics   ``update_running(running_mean, running_var, μ, σ²,     –
+                     momentum, unbias)``
+==================== ====================================================== =================
+
+The kernels come in two families (docs/design.md §2):
 
 * planar (``inner >= PLANAR_RUN``): channel ``c`` is ``outer`` contiguous runs ``x[o, c, :]``, and
   loops run along a run;
 * rows (channels-last and N×D, ``inner == 1``, and runs too short to vectorize): the view is read as
   ``outer`` rows of ``C·inner`` values (``_row_parts``), and loops run across a row.
 
-Each family has the same few steps:
-
-========== =============================== ==========================================
-step       forward                         backward
-========== =============================== ==========================================
-reduce     ``(count, mean, M2)`` of x      ``Σdy``, ``Σdy·(x − μ)``
-map        ``y = a·(x − s) + b``           ``dx = p·dy + q·(x − μ) + r``
-========== =============================== ==========================================
-
-Numerics (DESIGN.md §3): all arithmetic is float64 whatever x's dtype. Statistics are taken of
+Numerics (docs/design.md §3): all arithmetic is float64 whatever x's dtype. Statistics are taken of
 ``x − s``, with ``s`` one value of the channel, so that a large common offset never enters a sum.
 Each chunk of a channel (planar) or tile of rows (rows) is reduced exactly, with two passes while
-it sits in cache, and the pieces are merged with Chan et al.'s formula in a fixed order. Chunk boundaries depend on the shape and the block
-sizes below only, never on the thread count, so results are bitwise reproducible.
+it sits in cache, and the pieces are merged with Chan et al.'s formula (``chan``, the one merge of
+both devices) in a fixed order. Chunk boundaries depend on the shape and the block sizes below
+only, never on the thread count, so results are bitwise reproducible.
 
 The block sizes are read at call time, so tests can shrink them to run the multi-chunk paths on
 small shapes.
@@ -34,6 +48,8 @@ import types
 import numba
 import numpy as np
 from numba import njit, prange
+
+from ._layout import ChannelView
 
 CHUNK = 8192  # planar: elements of one channel reduced exactly (two passes, in L1/L2); maps:
 #               the longest run one work item writes, so that N = 1 still gives every core work
@@ -134,25 +150,36 @@ def _parallel_kernel(**options):
 # -- merging per-piece results, and the coefficients of the maps ------------------------------
 
 
-@njit(**_helper)
-def _chan(n, mean, m2, n_b, mean_b, m2_b):
-    """Chan et al.'s update: the moments of two disjoint pieces, from each piece's."""
+def chan(n, mean, m2, n_b, mean_b, m2_b):
+    """Chan et al.'s merge: the moments of two disjoint pieces, from each piece's.
+
+    An empty piece changes nothing. Plain Python, compiled here for the CPU and in fastbn.cuda for
+    the GPU: one formula, so both devices merge alike.
+    """
+    if n_b == 0.0:
+        return n, mean, m2
+    if n == 0.0:
+        return n_b, mean_b, m2_b
     total = n + n_b
     delta = mean_b - mean
     return total, mean + delta * (n_b / total), m2 + m2_b + delta * delta * (n * n_b / total)
 
 
+_chan = njit(**_helper)(chan)
+
+
 @njit(**_jit)
-def _merge(counts, means, m2s):
-    """Merge per-piece moments ``(pieces, C)`` over pieces ``0, 1, ...``, for every channel."""
+def merge(counts, means, m2s):
+    """Merge per-piece moments ``(pieces, C)`` over pieces ``0, 1, ...``: ``(count, mean, M2)``."""
     pieces, channels = means.shape
-    mean = means[0].copy()
-    m2 = m2s[0].copy()
+    count = np.zeros(channels)
+    mean = np.zeros(channels)
+    m2 = np.zeros(channels)
     for c in range(channels):
-        n = counts[0]
-        for j in range(1, pieces):
-            n, mean[c], m2[c] = _chan(n, mean[c], m2[c], counts[j], means[j, c], m2s[j, c])
-    return mean, m2
+        for j in range(pieces):
+            count[c], mean[c], m2[c] = _chan(count[c], mean[c], m2[c], counts[j, c], means[j, c],
+                                             m2s[j, c])
+    return count, mean, m2
 
 
 @njit(**_jit)
@@ -255,17 +282,15 @@ def _chunk_moments(x, c, shift, r0, r1, i0, i1):
 def _planar_moments(x, shift, rows, pieces):
     outer, channels, inner = x.shape
     chunks = (outer + rows - 1) // rows * pieces
-    counts = np.empty(chunks)
+    counts = np.empty((chunks, channels))
     means = np.empty((chunks, channels))
     m2s = np.empty((chunks, channels))
     for w in prange(channels * chunks):
         c = w // chunks
         j = w % chunks
-        n, means[j, c], m2s[j, c] = _chunk_moments(
+        counts[j, c], means[j, c], m2s[j, c] = _chunk_moments(
             x, c, shift[c], *_planar_chunk(j, outer, inner, rows, pieces))
-        if c == 0:
-            counts[j] = n
-    return _merge(counts, means, m2s)
+    return merge(counts, means, m2s)[1:]
 
 
 @njit(**_helper)
@@ -328,7 +353,7 @@ def _rows_moments(x, shift, segment_rows, tile_rows, column_block):
     rows, channels = x.shape
     segments = (rows + segment_rows - 1) // segment_rows
     blocks = (channels + column_block - 1) // column_block
-    counts = np.empty(segments)
+    counts = np.empty((segments, channels))
     means = np.empty((segments, channels))
     m2s = np.empty((segments, channels))
     for w in prange(segments * blocks):
@@ -365,21 +390,16 @@ def _rows_moments(x, shift, segment_rows, tile_rows, column_block):
                     d = np.float64(xr[k]) - np.float64(first[k])
                     sd[k] += d
                     sdd[k] += d * d
-            # Chan merge of the tile into the segment's running moments.
-            total = n + nt
-            w_tile = nt / total
-            w_cross = n * nt / total
-            for k in range(width):  # the first tile (n = 0: weights 1 and 0) is copied exactly
-                tile_mean = (first[k] - s[k]) + sd[k] / nt
+            for k in range(width):  # merged into the segment's moments (the first tile: copied)
                 tile_m2 = sdd[k] - sd[k] * sd[k] / nt
                 if tile_m2 < 0.0:  # rounding only; NaN passes
                     tile_m2 = 0.0
-                delta = tile_mean - mean[k]
-                mean[k] += delta * w_tile
-                m2[k] += tile_m2 + delta * delta * w_cross
-            n = total
-        counts[g] = n
-    return _merge(counts, means, m2s)
+                _, mean[k], m2[k] = _chan(n, mean[k], m2[k], nt,
+                                          (first[k] - s[k]) + sd[k] / nt, tile_m2)
+            n += nt
+        for k in range(width):
+            counts[g, c0 + k] = n
+    return merge(counts, means, m2s)[1:]
 
 
 @_parallel_kernel()
@@ -430,7 +450,7 @@ def _rows_grad_map(dy, x, dx, mean, p, q, r, piece):
             dxr[c] = pc[c] * gr[c] + qc[c] * (xr[c] - m[c]) + rc[c]
 
 
-# -- the steps, as the API calls them ---------------------------------------------------------
+# -- cutting the view into work -----------------------------------------------------------------
 
 
 def _planar_plan(outer, inner):
@@ -522,8 +542,9 @@ def _moments(x3, shift):
         counts += [rows.shape[0]] * (fold * inner)
         means.append(_by_channel(mean, channels, inner))
         m2s.append(_by_channel(m2, channels, inner))
-    return _merge(np.array(counts, np.float64), np.ascontiguousarray(np.concatenate(means)),
-                  np.ascontiguousarray(np.concatenate(m2s)))
+    counts = np.repeat(np.array(counts, np.float64)[:, None], channels, axis=1)
+    return merge(counts, np.ascontiguousarray(np.concatenate(means)),
+                 np.ascontiguousarray(np.concatenate(m2s)))[1:]
 
 
 def _grad_sums(dy3, x3, mean):
@@ -539,33 +560,125 @@ def _grad_sums(dy3, x3, mean):
     return sums
 
 
-@_serial_when_small
-def normalize(x3, y3, shift, gamma, beta, eps):
-    """Training forward: ``y = γ·(x − μ)/sqrt(σ² + eps) + β`` with the batch's ``μ``, ``σ²``.
+def _affine(x3, y3, shift, scale, bias):
+    """``y = scale·(x − shift) + bias`` per channel, written into ``y3``."""
+    inner = x3.shape[2]
+    if x3.size == 0:
+        return
+    if inner >= PLANAR_RUN:
+        _planar_affine(x3, y3, shift, scale, bias, CHUNK)
+        return
+    for (x, fold), (y, _) in zip(_row_parts(x3), _row_parts(y3)):
+        _rows_affine(x, y, *(_per_column(a, inner, fold) for a in (shift, scale, bias)), CHUNK)
 
-    ``x3`` is a non-empty C-contiguous ``(outer, C, inner)`` array, ``shift`` one value of each
-    channel, ``gamma`` and ``beta`` float64 of shape (C,). Returns the float64 per-channel
-    ``(μ − shift, M2, invstd)``.
+
+def _grad_map(dy3, x3, dx3, mean, p, q, r):
+    """``dx = p·dy + q·(x − mean) + r`` per channel, written into ``dx3``."""
+    inner = x3.shape[2]
+    if inner >= PLANAR_RUN:
+        _planar_grad_map(dy3, x3, dx3, mean, p, q, r, CHUNK)
+        return
+    for (dy, fold), (x, _), (dx, _) in zip(_row_parts(dy3), _row_parts(x3), _row_parts(dx3)):
+        _rows_grad_map(dy, x, dx, *(_per_column(a, inner, fold) for a in (mean, p, q, r)), CHUNK)
+
+
+# -- the device interface: the same names, arguments and results in fastbn/cuda.py -------------
+
+
+NAME = "cpu"
+
+
+def view(x, axis):
+    """The ``(outer, C, inner)`` view of arrays laid out like ``x``, in x's memory order."""
+    return ChannelView(x, axis)
+
+
+def operands(view, *arrays):
+    """The arrays as the kernels read them: ``(outer, C, inner)``, views where possible."""
+    return [view.of(a) for a in arrays]
+
+
+class _Output:
+    """Where an op writes its result of x's shape (``array3``), and how it is handed back."""
+
+    def __init__(self, view, out, like):
+        self._result, self.array3, self._pending = view.output(out, like.dtype)
+
+    def finish(self, *per_channel):
+        """``(result, *per_channel)``: ``out`` filled from the buffer if it was not laid out
+        like x."""
+        if self._pending is not None:
+            self._result[...] = self._pending
+        return (self._result, *per_channel)
+
+
+def output(view, out, like):
+    """Where a result of ``like``'s shape goes: ``out`` (possibly ``like`` itself) or a new array
+    in x's memory order."""
+    return _Output(view, out, like)
+
+
+def per_channel(values, channels, fill=None, copy=False):
+    """``(C,)`` values as a float64 array here; ``None`` gives ``fill`` everywhere (or None).
+
+    A float64 array is returned as it is unless ``copy``; a GPU one is copied to the host.
     """
-    outer, channels, inner = x3.shape
-    delta, m2 = _moments(x3, shift)
-    invstd, scale, bias = _forward_coefficients(m2, outer * inner, gamma, beta, delta, eps)
-    affine(x3, y3, shift, scale, bias)
-    return delta, m2, invstd
+    if values is None:
+        return None if fill is None else np.full(channels, fill, np.float64)
+    if hasattr(values, "copy_to_host"):
+        return values.copy_to_host().astype(np.float64, copy=False)
+    return np.array(values, np.float64) if copy else np.asarray(values, np.float64)
+
+
+def to_host(a):
+    """``a`` as a NumPy array (it is one here)."""
+    return a
 
 
 @_serial_when_small
 def moments(x3):
-    """Per-channel float64 ``(mean, M2)`` of a non-empty C-contiguous ``(outer, C, inner)`` array."""
+    """Statistics: per-channel float64 ``(shift, delta, M2)`` of ``x3``.
+
+    ``shift`` is one value of each channel (its first), ``delta`` the mean minus it, ``M2`` the
+    sum of squared deviations from the mean: a large common offset never enters a sum.
+    """
+    channels = x3.shape[1]
+    if x3.size == 0:
+        return np.zeros(channels), np.zeros(channels), np.zeros(channels)
     shift = x3[0, :, 0].astype(np.float64)
     delta, m2 = _moments(x3, shift)
-    return shift + delta, m2
+    return shift, delta, m2
+
+
+@_serial_when_small
+def forward_map(x3, y3, shift, delta, m2, gamma, beta, eps):
+    """Training forward's map, ``y = γ·(x − μ)/sqrt(σ² + eps) + β``, from ``moments(x3)``.
+
+    Applied centred about the shift, which lies within the data (docs/design.md §3):
+    ``a·(x − s) + (β − a·δ)``, where the folded ``a·x + (β − a·μ)`` would lose digits when
+    |μ| ≫ σ. Returns the float64 ``(mean, biased var, invstd)``.
+    """
+    count = x3.shape[0] * x3.shape[2]
+    invstd, scale, bias = _forward_coefficients(m2, count, gamma, beta, delta, eps)
+    _affine(x3, y3, shift, scale, bias)
+    return shift + delta, m2 / count, invstd
+
+
+@_serial_when_small
+def normalize_with(x3, y3, mean, var, gamma, beta, eps):
+    """The map with given statistics (eval, ``fastbn.normalize``): ``y = γ·(x − mean)·invstd + β``
+    with ``invstd = 1/sqrt(var + eps)``, which it returns."""
+    invstd = 1.0 / np.sqrt(var + eps)
+    _affine(x3, y3, mean, gamma * invstd, beta)
+    return invstd
 
 
 @_serial_when_small
 def gradient_sums(dy3, x3, mean):
     """Per-channel float64 ``(Σdy, Σdy·(x − mean))``, in one pass over dy and x."""
-    return _grad_sums(dy3, x3, mean)
+    if x3.size == 0:
+        return np.zeros(x3.shape[1]), np.zeros(x3.shape[1])
+    return tuple(_grad_sums(dy3, x3, mean))
 
 
 @_serial_when_small
@@ -576,30 +689,23 @@ def backward_map(dy3, x3, dx3, mean, invstd, gamma, sum_dy, sum_dy_xmu, count, t
     ``training`` says whether the statistics were the batch's, so that the gradient flows through
     them: ``dx = p·dy + q·(x − μ) + r``; otherwise ``dx = p·dy``, with ``p = γ·invstd``.
     """
+    if x3.size == 0:
+        return
     p, q, r = _backward_coefficients(sum_dy, sum_dy_xmu, count, gamma, invstd)
     if training:
-        grad_map(dy3, x3, dx3, mean, p, q, r)
+        _grad_map(dy3, x3, dx3, mean, p, q, r)
     else:
         zeros = np.zeros(x3.shape[1])
-        affine(dy3, dx3, zeros, p, zeros)
+        _affine(dy3, dx3, zeros, p, zeros)
 
 
-@_serial_when_small
-def affine(x3, y3, shift, scale, bias):
-    """``y = scale·(x − shift) + bias`` per channel, written into ``y3``."""
-    inner = x3.shape[2]
-    if inner >= PLANAR_RUN:
-        _planar_affine(x3, y3, shift, scale, bias, CHUNK)
-        return
-    for (x, fold), (y, _) in zip(_row_parts(x3), _row_parts(y3)):
-        _rows_affine(x, y, *(_per_column(a, inner, fold) for a in (shift, scale, bias)), CHUNK)
+def parameter_gradients(sum_dy, sum_dy_xmu, invstd, dtype):
+    """``(dgamma, dbeta) = (Σdy·x̂, Σdy)`` in ``dtype``."""
+    return (sum_dy_xmu * invstd).astype(dtype), sum_dy.astype(dtype)
 
 
-def grad_map(dy3, x3, dx3, mean, p, q, r):
-    """``dx = p·dy + q·(x − mean) + r`` per channel, written into ``dx3``."""
-    inner = x3.shape[2]
-    if inner >= PLANAR_RUN:
-        _planar_grad_map(dy3, x3, dx3, mean, p, q, r, CHUNK)
-        return
-    for (dy, fold), (x, _), (dx, _) in zip(_row_parts(dy3), _row_parts(x3), _row_parts(dx3)):
-        _rows_grad_map(dy, x, dx, *(_per_column(a, inner, fold) for a in (mean, p, q, r)), CHUNK)
+def update_running(running_mean, running_var, mean, var, momentum, unbias):
+    """PyTorch's update, in place, in the running arrays' dtype:
+    ``running = (1 − momentum)·running + momentum·batch``, with the unbiased ``var·unbias``."""
+    running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
+    running_var[...] = (1.0 - momentum) * running_var + momentum * var * unbias

@@ -1,7 +1,32 @@
-"""CUDA kernels: fastbn.cpu's steps for arrays that live on an NVIDIA GPU (numba.cuda).
+"""The GPU device: fastbn.cpu's steps for arrays that live on an NVIDIA GPU (numba.cuda).
 
 Imported only when a CUDA array or ``device="cuda"`` asks for it, so ``import fastbn`` never needs
-CUDA. Every kernel works on the ``(outer, C, inner)`` view (C-contiguous), as on the CPU:
+CUDA.
+
+Both device modules, this one and fastbn/cpu.py, expose the same steps, with the same names,
+arguments and results, in this order; each works on the ``(outer, C, inner)`` view that
+fastbn._layout builds, and per-channel vectors are float64 arrays of the device
+(docs/design.md §2):
+
+==================== ====================================================== =================
+step                 function                                               returns
+==================== ====================================================== =================
+where arrays go      ``view(x, axis)``, ``operands(view, *arrays)``,        views, an output,
+                     ``output(view, out, like)``, ``to_host(a)``,           vectors
+                     ``per_channel(values, C, fill=None, copy=False)``
+statistics           ``moments(x3)``                                        ``(s, δ, M2)``
+training forward map ``forward_map(x3, y3, s, δ, M2, γ, β, eps)``           ``(μ, σ², invstd)``
+map with statistics  ``normalize_with(x3, y3, μ, σ², γ, β, eps)``           ``invstd``
+(eval, normalize)
+gradient sums        ``gradient_sums(dy3, x3, μ)``                          ``(Σdy, Σdy·(x−μ))``
+backward map         ``backward_map(dy3, x3, dx3, μ, invstd, γ, Σdy,        –
+                     Σdy·(x−μ), count, training)``
+parameter gradients  ``parameter_gradients(Σdy, Σdy·(x−μ), invstd, dtype)`` ``(dγ, dβ)``
+running statistics   ``update_running(running_mean, running_var, μ, σ²,     –
+                     momentum, unbias)``
+==================== ====================================================== =================
+
+The view is C-contiguous here (CUDA arrays must be; NumPy arrays are copied in so):
 
 * reductions come in two layouts: *planar* (``inner > 1``) gives a block one chunk of one channel,
   whose threads read consecutive values of a run; *rows* (``inner == 1``: N×D, channels-last)
@@ -9,11 +34,11 @@ CUDA. Every kernel works on the ``(outer, C, inner)`` view (C-contiguous), as on
   row. Either way reads are coalesced;
 * maps read the view as rows, threads along a row and blocks down the rows.
 
-Numerics as on the CPU (DESIGN.md §3): float64 arithmetic, statistics of ``x − s`` with ``s`` one
-value of the channel; each thread keeps a Welford accumulator, a block merges its threads' with Chan
-et al.'s formula in shared memory in a fixed tree order, and a second small kernel merges the
-blocks' in block order. No floating-point atomics, so results are deterministic. Indices are 64-bit,
-so tensors of more than 2**31 values work.
+Numerics as on the CPU (docs/design.md §3): float64 arithmetic, statistics of ``x − s`` with ``s``
+one value of the channel; each thread keeps a Welford accumulator, a block merges its threads' with
+Chan et al.'s formula (fastbn.cpu.chan, compiled for the device) in shared memory in a fixed tree
+order, and a second small kernel merges the blocks' in block order. No floating-point atomics, so
+results are deterministic. Indices are 64-bit, so tensors of more than 2**31 values work.
 
 The block sizes are read at call time (kernels are built per size), so tests can shrink them to run
 the multi-block merges on small shapes.
@@ -25,6 +50,8 @@ import numpy as np
 from numba import cuda, float64, int64
 
 from . import cpu
+from ._arrays import device_view
+from ._layout import ChannelView
 
 THREADS = 256  # threads per block, a power of two
 COLUMNS = 32  # rows kernels: channels a block covers (one warp reads 32 consecutive values)
@@ -35,6 +62,7 @@ MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y, which counts the pieces of a ch
 # The per-channel formulas are the CPU's, compiled for the device. numba.cuda has no np.sqrt, so
 # the forward one is restated with math.sqrt (the same correctly rounded operation).
 _backward_coefficients = cuda.jit(device=True)(cpu._backward_coefficients)
+_chan = cuda.jit(device=True)(cpu.chan)
 
 
 @cuda.jit(device=True)
@@ -43,18 +71,6 @@ def _forward_coefficients(m2, count, gamma, beta, delta, eps):
     invstd = 1.0 / math.sqrt(m2 / count + eps)
     a = gamma * invstd
     return invstd, a, beta - a * delta
-
-
-@cuda.jit(device=True)
-def _chan(n, mean, m2, n_b, mean_b, m2_b):
-    """Chan et al.'s merge of two pieces' moments; an empty piece changes nothing."""
-    if n_b == 0.0:
-        return n, mean, m2
-    if n == 0.0:
-        return n_b, mean_b, m2_b
-    total = n + n_b
-    delta = mean_b - mean
-    return total, mean + delta * (n_b / total), m2 + m2_b + delta * delta * (n * n_b / total)
 
 
 @cuda.jit(device=True)
@@ -290,36 +306,42 @@ def _product(a, b, out):
 # rows, so the channel of a value costs one integer modulo per row, not a division per value.
 
 
-@cuda.jit
-def _affine(x, y, channels, planar, shift, scale, bias):
-    rows, width = x.shape
-    first = int64(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
-    step = int64(cuda.gridDim.x) * cuda.blockDim.x
-    r = int64(cuda.blockIdx.y)
-    while r < rows:
-        row_channel = r % channels
-        w = first
-        while w < width:
-            c = row_channel if planar else w
-            y[r, w] = scale[c] * (float64(x[r, w]) - shift[c]) + bias[c]
-            w += step
-        r += cuda.gridDim.y
+def _row_map(value):
+    """A kernel ``(out, a, b, channels, planar, centre, p, q, r)`` that writes
+    ``out = value(a, b, ...)`` over the view read as rows: a grid-stride loop along and down."""
+
+    @cuda.jit
+    def kernel(out, a, b, channels, planar, centre, p, q, r):
+        rows, width = out.shape
+        first = int64(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
+        step = int64(cuda.gridDim.x) * cuda.blockDim.x
+        row = int64(cuda.blockIdx.y)
+        while row < rows:
+            row_channel = row % channels
+            w = first
+            while w < width:
+                c = row_channel if planar else w
+                out[row, w] = value(a, b, row, w, c, centre, p, q, r)
+                w += step
+            row += cuda.gridDim.y
+
+    return kernel
 
 
-@cuda.jit
-def _grad_map(dy, x, dx, channels, planar, mean, p, q, r):
-    rows, width = x.shape
-    first = int64(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
-    step = int64(cuda.gridDim.x) * cuda.blockDim.x
-    row = int64(cuda.blockIdx.y)
-    while row < rows:
-        row_channel = row % channels
-        w = first
-        while w < width:
-            c = row_channel if planar else w
-            dx[row, w] = p[c] * float64(dy[row, w]) + q[c] * (float64(x[row, w]) - mean[c]) + r[c]
-            w += step
-        row += cuda.gridDim.y
+@cuda.jit(device=True)
+def _scaled(a, b, row, w, c, centre, p, q, r):
+    """The forward map (and eval backward's): ``q·(b − centre) + r``; ``a`` and ``p`` unused."""
+    return q[c] * (float64(b[row, w]) - centre[c]) + r[c]
+
+
+@cuda.jit(device=True)
+def _gradient(a, b, row, w, c, centre, p, q, r):
+    """Training backward's map: ``p·a + q·(b − centre) + r``, a = dy, b = x."""
+    return p[c] * float64(a[row, w]) + q[c] * (float64(b[row, w]) - centre[c]) + r[c]
+
+
+_affine = _row_map(_scaled)
+_grad_map = _row_map(_gradient)
 
 
 def _as_rows(a3):
@@ -335,40 +357,12 @@ def _map_launch(rows):
     return (max(1, min(-(-width // THREADS), 1024)), max(1, min(height, MAX_GRID_Y))), THREADS
 
 
-# -- the steps, as the API calls them ---------------------------------------------------------
+# -- launching the kernels ----------------------------------------------------------------------
 
 
 def _grid(n):
     """Launch configuration of a per-channel kernel: a thread per channel."""
     return max(1, -(-n // THREADS)), THREADS
-
-
-def per_channel(values, channels, fill=None):
-    """``(C,)`` values, a NumPy array or a Numba device array, as a float64 device array.
-
-    ``None`` gives ``fill`` everywhere (or None if ``fill`` is None).
-    """
-    if values is None:
-        return None if fill is None else cuda.to_device(np.full(channels, fill, np.float64))
-    if isinstance(values, np.ndarray):
-        return cuda.to_device(np.asarray(values, np.float64))
-    target = cuda.device_array(channels, np.float64)  # a device array: converted there
-    _cast[_grid(channels)](values, target)
-    return target
-
-
-def cast(values, dtype):
-    """A device copy of ``values`` in ``dtype``."""
-    target = cuda.device_array(values.size, dtype)
-    _cast[_grid(values.size)](values, target)
-    return target
-
-
-def product(a, b, dtype):
-    """``a·b`` elementwise (per-channel vectors), as a device array of ``dtype``."""
-    out = cuda.device_array(a.size, dtype)
-    _product[_grid(a.size)](a, b, out)
-    return out
 
 
 def _pieces(x3):
@@ -393,40 +387,13 @@ def _reduce_launch(x3):
         (columns, THREADS // columns)
 
 
-def moments(x3, shift):
-    """Device ``(mean of x − shift, M2)`` per channel, float64."""
-    outer, channels, inner = x3.shape
-    kernels, planar, piece, pieces, grid, block = _reduce_launch(x3)
-    counts, means, m2s = (cuda.device_array((pieces, channels), np.float64) for _ in range(3))
-    if planar:
-        kernels[0][grid, block](x3, shift, piece, counts, means, m2s)
-    else:
-        kernels[1][grid, block](x3.reshape(outer, channels), shift, piece, counts, means, m2s)
-    delta = cuda.device_array(channels, np.float64)
-    m2 = cuda.device_array(channels, np.float64)
-    _merge_moments[_grid(channels)](counts, means, m2s, delta, m2)
-    return delta, m2
+def _zeros(channels):
+    return cuda.to_device(np.zeros(channels))
 
 
-def grad_sums(dy3, x3, mean):
-    """Device ``(Σdy, Σdy·(x − mean))`` per channel, float64, in one pass over dy and x."""
-    outer, channels, inner = x3.shape
-    kernels, planar, piece, pieces, grid, block = _reduce_launch(x3)
-    parts = [cuda.device_array((pieces, channels), np.float64) for _ in range(2)]
-    if planar:
-        kernels[2][grid, block](dy3, x3, mean, piece, *parts)
-    else:
-        flat = (outer, channels)
-        kernels[3][grid, block](dy3.reshape(flat), x3.reshape(flat), mean, piece, *parts)
-    totals = [cuda.device_array(channels, np.float64) for _ in range(2)]
-    _add_partials[_grid(channels)](*parts, *totals)
-    return totals
-
-
-def affine(x3, y3, shift, scale, bias):
-    """``y = scale·(x − shift) + bias`` per channel, written into ``y3``."""
-    x, planar = _as_rows(x3)
-    _affine[_map_launch(x)](x, _as_rows(y3)[0], x3.shape[1], planar, shift, scale, bias)
+def _empty(channels, count=1):
+    """``count`` new float64 device vectors of ``channels`` values."""
+    return [cuda.device_array(channels, np.float64) for _ in range(count)]
 
 
 def _shift(x3):
@@ -436,60 +403,182 @@ def _shift(x3):
     return shift
 
 
-def batch_moments(x3):
-    """``(mean, M2)`` per channel as float64 host arrays: 2·C numbers, to merge or exchange."""
+def _affine_map(x3, y3, shift, scale, bias):
+    """``y = scale·(x − shift) + bias`` per channel, written into ``y3``."""
+    if x3.size == 0:
+        return
+    x, planar = _as_rows(x3)
+    _affine[_map_launch(x)](_as_rows(y3)[0], x, x, x3.shape[1], planar, shift, scale, scale,
+                            bias)
+
+
+# -- the device interface: the same names, arguments and results in fastbn/cpu.py --------------
+
+
+NAME = "cuda"
+
+
+def view(x, axis):
+    """The ``(outer, C, inner)`` view of arrays laid out like ``x``, in C order (a CUDA array is
+    C-contiguous; a NumPy one is copied in C-contiguous)."""
+    return ChannelView(x, axis, in_memory_order=False)
+
+
+def operands(view, *arrays):
+    """The arrays as the kernels read them: device views, NumPy arrays copied in."""
+    return [cuda.to_device(view.of(a)) if isinstance(a, np.ndarray) else view.of(a)
+            for a in arrays]
+
+
+class _Output:
+    """Where an op writes its result of x's shape (``array3``), and how it is handed back: on
+    the device, or copied to the host for NumPy input (``device="cuda"``)."""
+
+    def __init__(self, view, out, like):
+        self._on_host = isinstance(like, np.ndarray)
+        self._out = out
+        if out is not None and not self._on_host:
+            self._device = device_view(out)
+        else:
+            self._device = cuda.device_array(like.shape, like.dtype)
+        self.array3 = self._device.reshape(view.shape)
+
+    def finish(self, *per_channel):
+        """``(result, *per_channel)``, on the host (into ``out`` if given) for NumPy input."""
+        if not self._on_host:
+            return (self._device if self._out is None else self._out, *per_channel)
+        host = self._device.copy_to_host()
+        if self._out is not None:
+            self._out[...] = host
+            host = self._out
+        return (host, *(a.copy_to_host() for a in per_channel))
+
+
+def output(view, out, like):
+    """Where a result of ``like``'s shape goes: ``out`` (possibly ``like`` itself) or a new
+    device array."""
+    return _Output(view, out, like)
+
+
+def per_channel(values, channels, fill=None, copy=False):
+    """``(C,)`` values as a float64 device array; ``None`` gives ``fill`` everywhere (or None).
+
+    A float64 device array is returned as it is unless ``copy``; others are converted on the
+    device, NumPy arrays copied in.
+    """
+    if values is None:
+        return None if fill is None else cuda.to_device(np.full(channels, fill, np.float64))
+    if isinstance(values, np.ndarray):
+        return cuda.to_device(np.asarray(values, np.float64))
+    values = device_view(values)
+    if values.dtype == np.float64 and not copy:
+        return values
+    target = cuda.device_array(channels, np.float64)
+    _cast[_grid(channels)](values, target)
+    return target
+
+
+def to_host(a):
+    """``a`` copied to a NumPy array."""
+    return a.copy_to_host()
+
+
+def moments(x3):
+    """Statistics: per-channel float64 ``(shift, delta, M2)`` of ``x3``, on the device.
+
+    ``shift`` is one value of each channel (its first), ``delta`` the mean minus it, ``M2`` the
+    sum of squared deviations from the mean.
+    """
+    outer, channels, inner = x3.shape
+    if x3.size == 0:
+        return _zeros(channels), _zeros(channels), _zeros(channels)
     shift = _shift(x3)
-    delta, m2 = moments(x3, shift)
-    return shift.copy_to_host() + delta.copy_to_host(), m2.copy_to_host()
+    kernels, planar, piece, pieces, grid, block = _reduce_launch(x3)
+    counts, means, m2s = (cuda.device_array((pieces, channels), np.float64) for _ in range(3))
+    if planar:
+        kernels[0][grid, block](x3, shift, piece, counts, means, m2s)
+    else:
+        kernels[1][grid, block](x3.reshape(outer, channels), shift, piece, counts, means, m2s)
+    delta, m2 = _empty(channels, 2)
+    _merge_moments[_grid(channels)](counts, means, m2s, delta, m2)
+    return shift, delta, m2
 
 
-def normalize(x3, y3, gamma, beta, eps):
-    """Training forward on the device; returns device ``(mean, var, invstd)``, float64."""
+def forward_map(x3, y3, shift, delta, m2, gamma, beta, eps):
+    """Training forward's map from ``moments(x3)``, centred about the shift as on the CPU;
+    returns the device ``(mean, biased var, invstd)``."""
     outer, channels, inner = x3.shape
     count = float(outer * inner)
     launch = _grid(channels)
-    # Statistics of x − s, s one value of each channel, and the map centred about s, as on the CPU.
-    shift = _shift(x3)
-    delta, m2 = moments(x3, shift)
-    mean, var, invstd, scale, bias = (cuda.device_array(channels, np.float64) for _ in range(5))
+    mean, var, invstd, scale, bias = _empty(channels, 5)
     _mean_and_var[launch](shift, delta, m2, count, mean, var)
     _forward_maps[launch](delta, m2, count, gamma, beta, eps, invstd, scale, bias)
-    affine(x3, y3, shift, scale, bias)
+    _affine_map(x3, y3, shift, scale, bias)
     return mean, var, invstd
 
 
-def normalize_eval(x3, y3, mean, var, gamma, beta, eps):
-    """Forward on the device with the given statistics; returns device ``invstd``."""
+def normalize_with(x3, y3, mean, var, gamma, beta, eps):
+    """The map with given statistics (eval, ``fastbn.normalize``); returns device ``invstd``."""
     channels = x3.shape[1]
-    zeros = cuda.to_device(np.zeros(channels))
-    invstd, scale, bias = (cuda.device_array(channels, np.float64) for _ in range(3))
-    _forward_maps[_grid(channels)](zeros, var, 1.0, gamma, beta, eps, invstd, scale, bias)
-    affine(x3, y3, mean, scale, bias)
+    invstd, scale, bias = _empty(channels, 3)
+    _forward_maps[_grid(channels)](_zeros(channels), var, 1.0, gamma, beta, eps, invstd, scale,
+                                   bias)
+    _affine_map(x3, y3, mean, scale, bias)
     return invstd
+
+
+def gradient_sums(dy3, x3, mean):
+    """Device ``(Σdy, Σdy·(x − mean))`` per channel, float64, in one pass over dy and x."""
+    outer, channels, inner = x3.shape
+    if x3.size == 0:
+        return _zeros(channels), _zeros(channels)
+    kernels, planar, piece, pieces, grid, block = _reduce_launch(x3)
+    parts = [cuda.device_array((pieces, channels), np.float64) for _ in range(2)]
+    if planar:
+        kernels[2][grid, block](dy3, x3, mean, piece, *parts)
+    else:
+        flat = (outer, channels)
+        kernels[3][grid, block](dy3.reshape(flat), x3.reshape(flat), mean, piece, *parts)
+    totals = _empty(channels, 2)
+    _add_partials[_grid(channels)](*parts, *totals)
+    return tuple(totals)
 
 
 def backward_map(dy3, x3, dx3, mean, invstd, gamma, sum_dy, sum_dy_xmu, count, training):
     """``dx`` into ``dx3`` from the device sums over the batch of ``count`` values per channel
     that the statistics came from (x's own, or a larger batch that x is part of)."""
     channels = x3.shape[1]
-    p, q, r = (cuda.device_array(channels, np.float64) for _ in range(3))
+    if x3.size == 0:
+        return
+    p, q, r = _empty(channels, 3)
     _backward_maps[_grid(channels)](sum_dy, sum_dy_xmu, float(count), gamma, invstd, p, q, r)
     if training:
         x, planar = _as_rows(x3)
-        _grad_map[_map_launch(x)](_as_rows(dy3)[0], x, _as_rows(dx3)[0], channels, planar, mean,
+        _grad_map[_map_launch(x)](_as_rows(dx3)[0], _as_rows(dy3)[0], x, channels, planar, mean,
                                   p, q, r)
     else:
-        zeros = cuda.to_device(np.zeros(channels))
-        affine(dy3, dx3, zeros, p, zeros)
+        zeros = _zeros(channels)
+        _affine_map(dy3, dx3, zeros, p, zeros)
+
+
+def parameter_gradients(sum_dy, sum_dy_xmu, invstd, dtype):
+    """Device ``(dgamma, dbeta) = (Σdy·x̂, Σdy)`` in ``dtype``."""
+    dgamma = cuda.device_array(sum_dy.size, dtype)
+    _product[_grid(sum_dy.size)](sum_dy_xmu, invstd, dgamma)
+    dbeta = cuda.device_array(sum_dy.size, dtype)
+    _cast[_grid(sum_dy.size)](sum_dy, dbeta)
+    return dgamma, dbeta
 
 
 def update_running(running_mean, running_var, mean, var, momentum, unbias):
-    """PyTorch's running-statistics update, on the device, in the running arrays' dtype;
-    ``var·unbias`` is the unbiased variance."""
-    _update_running[_grid(mean.size)](running_mean, running_var, mean, var, momentum, unbias)
+    """PyTorch's update, in place on the device, in the running arrays' dtype:
+    ``running = (1 − momentum)·running + momentum·batch``, with the unbiased ``var·unbias``."""
+    _update_running[_grid(mean.size)](device_view(running_mean), device_view(running_var), mean,
+                                      var, momentum, unbias)
 
 
 def available():
+    """Whether numba.cuda finds a usable GPU."""
     try:
         return cuda.is_available()
     except Exception:  # a broken driver or runtime counts as none

@@ -26,7 +26,7 @@ import types
 
 import numpy as np
 
-from . import _api
+from . import _internal as internal
 from .layers import BatchNorm
 
 try:
@@ -103,24 +103,24 @@ def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=Non
     """
     comm = _communicator(comm)
     try:
-        training = _api._flag("training", training)
+        training = internal.flag("training", training)
         if training:
-            call = _api._check_forward(x, gamma, beta, axis, True, running_mean, running_var,
-                                       momentum, eps, out, device, own_statistics=False)
-            mine = _api._batch_moments(call.x, call.axis, call.gpu)
+            call = internal.check_forward(x, gamma, beta, axis, True, running_mean, running_var,
+                                          momentum, eps, out, device, own_statistics=False)
+            mine = internal.batch_moments(call.device, call.x, call.axis)
     except Exception as error:  # the other ranks learn of it in the exchange, and raise too
         _exchange(comm, None, error)
     if not training:  # running statistics: nothing to exchange
-        return _api.forward(x, gamma, beta, axis=axis, training=False, running_mean=running_mean,
+        return internal.forward(x, gamma, beta, axis=axis, training=False, running_mean=running_mean,
                             running_var=running_var, momentum=momentum, eps=eps, out=out,
                             device=device)
     # every rank's Moments, made by fastbn there, of one agreed layout: merged unchecked
-    total = _api._merge(_exchange(comm, (_layout(call.x, call.axis), mine)))
+    total = internal.merge(_exchange(comm, (_layout(call.x, call.axis), mine)))
     if total.count.size and total.count[0] < 2:
-        raise ValueError(f"training needs more than one value per channel, but the global batch "
-                         f"over {comm.Get_size()} ranks has {total.count[0]:g} (this rank's x has "
-                         f"shape {call.x.shape}, channel axis {call.axis})")
-    return _api._normalize_with(call, *_api._variances(total))
+        raise internal.too_few_values(
+            total.count[0], f"the global batch over {comm.Get_size()} ranks",
+            f" (this rank's x has shape {call.x.shape}, channel axis {call.axis})")
+    return internal.normalize_with(call, *internal.variances(total))
 
 
 def backward(dy, x, stats, gamma=None, *, axis=1, training=True, out=None, device=None,
@@ -144,13 +144,13 @@ def backward(dy, x, stats, gamma=None, *, axis=1, training=True, out=None, devic
     """
     comm = _communicator(comm)
     try:
-        training = _api._flag("training", training)
+        training = internal.flag("training", training)
         if training:
-            call = _api._check_backward(dy, x, stats, gamma, axis, True, out, device)
+            call = internal.check_backward(dy, x, stats, gamma, axis, True, out, device)
     except Exception as error:
         _exchange(comm, None, error)
     if not training:  # constant statistics: nothing couples the ranks
-        return _api.backward(dy, x, stats, gamma, axis=axis, training=False, out=out,
+        return internal.backward(dy, x, stats, gamma, axis=axis, training=False, out=out,
                              device=device)
 
     def add(sum_dy, sum_dy_xmu, count):
@@ -161,7 +161,7 @@ def backward(dy, x, stats, gamma=None, *, axis=1, training=True, out=None, devic
             total_dy_xmu += part_dy_xmu
         return total_dy, total_dy_xmu, sum(n for _, _, n in everyone)
 
-    return _api._backward(call, add)
+    return internal.run_backward(call, add)
 
 
 class SyncBatchNorm(BatchNorm):

@@ -3,7 +3,7 @@ import numbers
 
 import numpy as np
 
-from ._api import _DATA_DTYPES, _eps, backward, forward
+from ._internal import DATA_DTYPES, backward, eps_value, forward
 
 
 class BatchNorm:
@@ -52,12 +52,12 @@ class BatchNorm:
                                      or not 0.0 <= momentum <= 1.0):
             raise ValueError(f"momentum must be None or a number in [0, 1], got {momentum!r}")
         dtype = np.dtype(dtype)
-        if dtype not in _DATA_DTYPES:
+        if dtype not in DATA_DTYPES:
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
         channels = int(num_features)
         self.num_features = channels
         self.axis = int(axis)
-        self.eps = _eps(eps)
+        self.eps = eps_value(eps)
         self.momentum = None if momentum is None else float(momentum)
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)

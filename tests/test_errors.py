@@ -265,8 +265,8 @@ def test_forward_bad_device(device, rng):
 @pytest.fixture
 def no_gpu(monkeypatch):
     """A machine without a usable CUDA GPU, wherever the tests run."""
-    import fastbn._api
-    monkeypatch.setattr(fastbn._api, "cuda_available", lambda: False)
+    import fastbn._checks
+    monkeypatch.setattr(fastbn._checks, "cuda_available", lambda: False)
 
 
 def test_forward_cuda_device_unavailable(rng, no_gpu):

@@ -1,0 +1,168 @@
+"""``forward`` and ``backward``: check every argument, choose the device once, run its steps.
+
+The device module (``fastbn.cpu`` or ``fastbn.cuda``, docs/design.md §2) does the work on the
+``(outer, C, inner)`` view; nothing here branches on the device.
+"""
+from typing import NamedTuple
+
+from ._checks import check_backward, check_forward
+
+
+class BatchStats(NamedTuple):
+    """The per-channel statistics a forward pass normalized with, as ``backward`` needs them.
+
+    Attributes
+    ----------
+    mean : ndarray, shape (C,), float64
+        Batch mean in training, ``running_mean`` in eval.
+    invstd : ndarray, shape (C,), float64
+        ``1 / sqrt(var + eps)``, with the biased batch variance in training, ``running_var`` in eval.
+    """
+
+    mean: object
+    invstd: object
+
+
+def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=None,
+            running_var=None, momentum=0.1, eps=1e-5, out=None, device=None):
+    """Batch normalization of ``x`` over every axis but the channel ``axis``.
+
+    Parameters
+    ----------
+    x : ndarray, float32 or float64, ndim >= 2
+        The batch. Any layout: N×D and N×C×H×W with ``axis=1``, N×H×W×C with ``axis=-1``, ...
+    gamma, beta : array_like, shape (C,), optional
+        Scale and shift; ``None`` means 1 and 0.
+    axis : int
+        The channel axis.
+    training : bool
+        True: normalize with the batch mean and biased batch variance, and update
+        ``running_mean``/``running_var`` in place if given (PyTorch's convention, unbiased variance).
+        False: normalize with ``running_mean``/``running_var``, which are required and not modified.
+    running_mean, running_var : ndarray, shape (C,), optional
+        Floating-point arrays, both or neither; updated in their own dtype.
+    momentum : float in [0, 1]
+        ``running = (1 - momentum) * running + momentum * batch``.
+    eps : float > 0
+        Added to the variance.
+    out : ndarray, optional
+        Where to write y: x's shape and dtype; may be ``x`` itself.
+    device : {None, "cpu", "cuda"}
+        None picks by where x lives.
+
+    Returns
+    -------
+    y : ndarray
+        x's shape and dtype (``out`` if given).
+    stats : BatchStats
+        The float64 ``(mean, invstd)`` used, for ``backward``.
+    """
+    return run_forward(check_forward(x, gamma, beta, axis, training, running_mean, running_var,
+                                     momentum, eps, out, device))
+
+
+def _prepare(call, *inputs):
+    """The call's device, its inputs as ``(outer, C, inner)`` arrays there, and its output."""
+    device = call.device
+    view = device.view(call.x, call.axis)
+    return device, device.operands(view, *inputs), device.output(view, call.out, call.x)
+
+
+def _affine_parameters(call, device):
+    channels = call.x.shape[call.axis]
+    return (device.per_channel(call.gamma, channels, 1.0),
+            device.per_channel(call.beta, channels, 0.0))
+
+
+def run_forward(call):
+    """Run a checked forward call."""
+    if not call.training:
+        return normalize_with(call, call.running_mean, call.running_var)
+    device, (x3,), y = _prepare(call, call.x)
+    shift, delta, m2 = device.moments(x3)
+    mean, var, invstd = device.forward_map(x3, y.array3, shift, delta, m2,
+                                           *_affine_parameters(call, device), call.eps)
+    count = x3.shape[0] * x3.shape[2]
+    _update_running(call, mean, var, count / (count - 1))
+    y, mean, invstd = y.finish(mean, invstd)
+    return y, BatchStats(mean, invstd)
+
+
+def normalize_with(call, mean, var, unbiased_var=None):
+    """y of a checked call normalized with the given ``mean`` and biased ``var``, and the running
+    statistics updated with ``unbiased_var`` if given (host or device arrays, shape (C,))."""
+    device, (x3,), y = _prepare(call, call.x)
+    channels = x3.shape[1]
+    mean = device.per_channel(mean, channels, copy=True)  # stats must not alias running_mean
+    invstd = device.normalize_with(x3, y.array3, mean, device.per_channel(var, channels),
+                                   *_affine_parameters(call, device), call.eps)
+    _update_running(call, mean, unbiased_var, 1.0)
+    y, mean, invstd = y.finish(mean, invstd)
+    return y, BatchStats(mean, invstd)
+
+
+def _update_running(call, mean, var, unbias):
+    """Update the running statistics of a training call, where they live (host or device), with
+    the batch's ``mean`` and unbiased variance ``var·unbias``."""
+    if not call.training or call.running_mean is None:
+        return
+    where, channels = call.running_device, call.x.shape[call.axis]
+    where.update_running(call.running_mean, call.running_var, where.per_channel(mean, channels),
+                         where.per_channel(var, channels), call.momentum, unbias)
+
+
+def backward(dy, x, stats, gamma=None, *, axis=1, training=True, out=None, device=None):
+    """Gradients of batch normalization: ``dx, dgamma, dbeta`` from ``dy = ∂loss/∂y``.
+
+    Parameters
+    ----------
+    dy : ndarray
+        Gradient with respect to y: x's shape and dtype.
+    x : ndarray
+        The forward pass's input.
+    stats : BatchStats or (mean, invstd)
+        What the forward pass returned.
+    gamma : array_like, shape (C,), optional
+        The forward pass's scale; ``None`` means 1.
+    axis : int
+        The channel axis.
+    training : bool
+        True: the gradient flows through the batch statistics,
+        ``dx = γ·invstd·(dy − mean(dy) − x̂·mean(dy·x̂))``. False: they are constants,
+        ``dx = γ·invstd·dy``.
+    out : ndarray, optional
+        Where to write dx: x's shape and dtype; may be ``dy`` or ``x`` itself.
+    device : {None, "cpu", "cuda"}
+        None picks by where the arrays live.
+
+    Returns
+    -------
+    dx : ndarray
+        x's shape and dtype (``out`` if given).
+    dgamma, dbeta : ndarray, shape (C,)
+        ``Σ dy·x̂`` and ``Σ dy``, in gamma's dtype (x's if gamma is None or not floating).
+    """
+    return run_backward(check_backward(dy, x, stats, gamma, axis, training, out, device))
+
+
+def run_backward(call, add=None):
+    """Run a checked backward call.
+
+    ``add``, given for a batch spread over processes (fastbn.distributed), takes x's float64
+    host ``(Σdy, Σdy·(x − μ), count)`` and returns the whole batch's. dgamma and dbeta are x's
+    share.
+    """
+    device, (x3, dy3), dx = _prepare(call, call.x, call.dy)
+    channels, count = x3.shape[1], x3.shape[0] * x3.shape[2]
+    mean = device.per_channel(call.mean, channels)
+    invstd = device.per_channel(call.invstd, channels)
+    sum_dy, sum_dy_xmu = device.gradient_sums(dy3, x3, mean)
+    total = sum_dy, sum_dy_xmu, count
+    if add is not None:
+        total_dy, total_dy_xmu, count = add(device.to_host(sum_dy), device.to_host(sum_dy_xmu),
+                                            count)
+        total = (device.per_channel(total_dy, channels), device.per_channel(total_dy_xmu, channels),
+                 count)
+    device.backward_map(dy3, x3, dx.array3, mean, invstd,
+                        device.per_channel(call.gamma, channels, 1.0), *total, call.training)
+    return dx.finish(*device.parameter_gradients(sum_dy, sum_dy_xmu, invstd, call.grad_dtype))

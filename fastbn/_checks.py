@@ -1,0 +1,351 @@
+"""Argument checks and the device choice, run before anything is computed or written.
+
+A call that raises leaves all of its arguments as they were. Each kind of error has one message,
+made here; it names the argument and the shapes. ``check_forward`` and ``check_backward`` return
+the checked call: its arguments converted, and the device module (``fastbn.cpu`` or
+``fastbn.cuda``) that runs it.
+"""
+import math
+import numbers
+import operator
+import os
+from typing import NamedTuple
+
+import numpy as np
+
+from ._arrays import device_view, is_cuda_array, is_read_only, overlaps, byte_range
+
+DATA_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_DEVICES = (None, "cpu", "cuda")
+
+
+def cuda_available():
+    """Whether fastbn can run on a CUDA GPU here: numba.cuda is importable and finds a GPU."""
+    try:
+        from . import cuda
+    except ImportError:
+        return False
+    return cuda.available()
+
+
+def choose_device(device, *arrays):
+    """The device module of a call: ``device``, else FASTBN_DEVICE, else where the arrays live."""
+    if device is None:
+        device = os.environ.get("FASTBN_DEVICE") or None
+        if device not in _DEVICES:
+            raise ValueError(f"the environment variable FASTBN_DEVICE must be 'cpu' or 'cuda', "
+                             f"got {device!r}")
+    elif device not in _DEVICES:
+        raise ValueError(f"device must be None, 'cpu' or 'cuda', got {device!r}")
+    on_gpu = any(is_cuda_array(a) for a in arrays)
+    if device == "cpu" and on_gpu:
+        raise TypeError("device='cpu' needs NumPy arrays, but a CUDA array was given; copy it to "
+                        "the host first, or leave device=None to compute on the GPU")
+    if device == "cuda" or on_gpu:
+        if not cuda_available():
+            raise RuntimeError(
+                "fastbn was asked to compute on a CUDA GPU (device='cuda', FASTBN_DEVICE=cuda or "
+                "a CUDA array), but none is usable here: it needs an NVIDIA GPU and driver and "
+                "the CUDA extra, `pip install \"fastbn[cuda]\"` (numba-cuda with the CUDA "
+                "bindings); fastbn.cuda_available() tells whether one is found")
+        from . import cuda
+        return cuda
+    from . import cpu
+    return cpu
+
+
+def where_lives(a):
+    """The device module that holds ``a`` (a NumPy or CUDA array)."""
+    if is_cuda_array(a):
+        from . import cuda
+        return cuda
+    from . import cpu
+    return cpu
+
+
+# -- single arguments ---------------------------------------------------------------------------
+
+
+def data(name, a):
+    """x or dy: a float32 or float64 NumPy array, or a device view of a CUDA one."""
+    arr = device_view(a) if is_cuda_array(a) else np.asarray(a)
+    if arr.dtype not in DATA_DTYPES:
+        hint = ("; cast float16 data to float32 (fastbn computes in float64 either way)"
+                if arr.dtype == np.float16 else "")
+        raise TypeError(f"{name} must be a float32 or float64 array in native byte order, got "
+                        f"dtype {arr.dtype} (shape {arr.shape}){hint}")
+    return arr
+
+
+def channel_axis(axis, x):
+    """``axis`` as an index in ``[0, x.ndim)``."""
+    try:
+        if isinstance(axis, (bool, np.bool_)):
+            raise TypeError
+        axis = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"axis must be an integer, got {axis!r}") from None
+    if x.ndim < 2:
+        raise ValueError(f"x must have at least 2 dimensions (a batch axis and a channel axis), "
+                         f"got shape {x.shape}")
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"axis {axis} is out of range for x of shape {x.shape}")
+    return axis % x.ndim
+
+
+def of_x(x, axis):
+    """How error messages name x's channels."""
+    return f"x (shape {x.shape}, channel axis {axis})"
+
+
+def check_channels(name, arr, channels, where):
+    if arr.shape != (channels,):
+        raise ValueError(f"{name} must have shape ({channels},), one value per channel of "
+                         f"{where}, got shape {arr.shape}")
+
+
+def per_channel(name, a, channels, where, allow_cuda=False):
+    """A read-only per-channel parameter (gamma, beta, ...) as float64, or None.
+
+    ``where`` says where the channel count comes from, for the error message. With
+    ``allow_cuda``, a CUDA array is allowed and returned as a device view, unconverted.
+    """
+    if a is None:
+        return None
+    on_gpu = is_cuda_array(a)
+    arr = device_view(a) if on_gpu else np.asarray(a)
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be a real-valued array, got dtype {arr.dtype} "
+                        f"(shape {arr.shape})")
+    check_channels(name, arr, channels, where)
+    if on_gpu and not allow_cuda:
+        raise TypeError(f"{name} is a CUDA array, but the batch is a NumPy array computed on the "
+                        f"CPU; pass {name} as a NumPy array, or the batch on the GPU")
+    return arr if on_gpu else arr.astype(np.float64)
+
+
+def running(name, a, x, axis, updated, allow_cuda=False):
+    """Check running_mean or running_var (updated in place when ``updated``)."""
+    if allow_cuda and is_cuda_array(a):
+        arr = device_view(a)
+        if arr.dtype.kind != "f":
+            raise TypeError(f"{name} must be a floating-point array, got dtype {arr.dtype} "
+                            f"(shape {arr.shape})")
+    elif not isinstance(a, np.ndarray) or a.dtype.kind != "f":
+        kind = (f"dtype {a.dtype} (shape {a.shape})" if isinstance(a, np.ndarray)
+                else type(a).__name__)
+        raise TypeError(f"{name} must be a floating-point NumPy array, got {kind}")
+    else:
+        arr = a
+    check_channels(name, arr, x.shape[axis], of_x(x, axis))
+    if updated and is_read_only(a):
+        raise ValueError(f"{name} (shape {arr.shape}) is read-only, but training updates it in "
+                         f"place")
+
+
+def flag(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def real(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    return float(value)
+
+
+def eps_value(eps):
+    eps = real("eps", eps)
+    if not eps > 0 or math.isinf(eps):
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    return eps
+
+
+def momentum_value(momentum):
+    momentum = real("momentum", momentum)
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must lie in [0, 1], got {momentum!r}")
+    return momentum
+
+
+def values_per_channel(x, axis):
+    return math.prod(n for k, n in enumerate(x.shape) if k != axis)
+
+
+def too_few_values(count, batch, detail=""):
+    """The error of training on one value per channel (or none); ``batch`` names the batch."""
+    return ValueError(f"training needs more than one value per channel, but {batch} has "
+                      f"{count:g} per channel{detail}")
+
+
+def gpu_contiguous(name, a):
+    """A CUDA array read on the GPU must be C-contiguous (a NumPy one is copied in contiguous)."""
+    if not isinstance(a, np.ndarray) and not a.is_c_contiguous():
+        raise ValueError(f"{name} (shape {a.shape}, strides {a.strides}) must be C-contiguous on "
+                         f"the GPU; make a contiguous copy first")
+
+
+def check_out(out, like, **inputs):
+    """``out``: x's shape and dtype, writable, where x lives, and either one of ``inputs`` itself
+    or apart from them."""
+    if out is None:
+        return
+    if is_cuda_array(like):
+        if not is_cuda_array(out):
+            raise TypeError(f"out must be a CUDA array like x, got {type(out).__name__}")
+        view = device_view(out)
+        if view.shape == like.shape and not view.is_c_contiguous():
+            raise ValueError(f"out (shape {view.shape}, strides {view.strides}) must be "
+                             f"C-contiguous on the GPU")
+        if is_read_only(out):
+            raise ValueError(f"out is read-only (shape {view.shape})")
+        out = view
+    elif not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
+    if out.dtype != like.dtype:
+        raise TypeError(f"out must have x's dtype {like.dtype}, got {out.dtype} "
+                        f"(shapes: out {out.shape}, x {like.shape})")
+    if out.shape != like.shape:
+        raise ValueError(f"out must have x's shape {like.shape}, got {out.shape}")
+    if is_read_only(out):
+        raise ValueError(f"out is read-only (shape {out.shape})")
+    for name, a in inputs.items():
+        same = lambda: byte_range(out) == byte_range(a) and out.strides == a.strides  # noqa: E731
+        # (``out`` and the inputs here are NumPy arrays or Numba device views, with .strides)
+        if overlaps(out, a) and not same():
+            raise ValueError(f"out (shape {out.shape}, strides {out.strides}) partly overlaps "
+                             f"{name} (strides {a.strides}); it may be {name} itself, or separate")
+
+
+# -- whole calls --------------------------------------------------------------------------------
+
+
+class Forward(NamedTuple):
+    """A forward call whose arguments passed every check: converted, and where it runs."""
+
+    device: object  # the module that computes: fastbn.cpu or fastbn.cuda
+    x: object
+    axis: int
+    training: bool
+    gamma: object
+    beta: object
+    running_mean: object
+    running_var: object
+    running_device: object  # the module that holds the running statistics, or None
+    momentum: float
+    eps: float
+    out: object
+
+
+def check_forward(x, gamma, beta, axis, training, running_mean, running_var, momentum, eps, out,
+                  device, own_statistics=True):
+    """Every check of a forward call, before anything is computed or written.
+
+    ``own_statistics=False``: the statistics come from a larger batch that x is part of
+    (``normalize``, ``fastbn.distributed``), so x itself may hold fewer than two values per
+    channel; the caller checks the batch's count.
+    """
+    device = choose_device(device, x, out)
+    on_gpu = device.NAME == "cuda"
+    x = data("x", x)
+    axis = channel_axis(axis, x)
+    training = flag("training", training)
+    channels, where = x.shape[axis], of_x(x, axis)
+    gamma = per_channel("gamma", gamma, channels, where, on_gpu)
+    beta = per_channel("beta", beta, channels, where, on_gpu)
+    eps = eps_value(eps)
+    if (running_mean is None) != (running_var is None):
+        given = "running_mean" if running_var is None else "running_var"
+        raise ValueError(f"running_mean and running_var go together: pass both or neither (only "
+                         f"{given} was given)")
+    momentum = momentum_value(momentum)
+    count = values_per_channel(x, axis)
+    if training:
+        if own_statistics and count < 2:
+            raise too_few_values(count, f"x of shape {x.shape}", f" (channel axis {axis})")
+    elif running_mean is None:
+        raise ValueError(f"training=False normalizes with running_mean and running_var, which "
+                         f"were not given (x of shape {x.shape})")
+    running_device = None
+    if running_mean is not None:
+        running("running_mean", running_mean, x, axis, training, on_gpu)
+        running("running_var", running_var, x, axis, training, on_gpu)
+        if is_cuda_array(running_mean) != is_cuda_array(running_var):
+            raise TypeError("running_mean and running_var must live in the same place: both "
+                            "CUDA arrays or both NumPy arrays")
+        running_device = where_lives(running_mean)
+    check_out(out, x, x=x)
+    if on_gpu:
+        gpu_contiguous("x", x)
+    if training and running_mean is not None:
+        # Written in place after y: they must not share memory with what else is read or written.
+        pairs = [("running_mean", running_mean, "running_var", running_var)]
+        pairs += [(name, stat, other, a) for name, stat in (("running_mean", running_mean),
+                                                             ("running_var", running_var))
+                  for other, a in (("x", x), ("out", out)) if a is not None]
+        for name, stat, other, a in pairs:
+            if overlaps(stat, a):
+                raise ValueError(f"{name} shares memory with {other}")
+    return Forward(device, x, axis, training, gamma, beta, running_mean, running_var,
+                   running_device, momentum, eps, out)
+
+
+def check_moments(x, axis, device):
+    """``(device, x, axis)`` of a ``moments`` call, checked."""
+    device = choose_device(device, x)
+    x = data("x", x)
+    axis = channel_axis(axis, x)
+    if device.NAME == "cuda":
+        gpu_contiguous("x", x)
+    return device, x, axis
+
+
+class Backward(NamedTuple):
+    """A backward call whose arguments passed every check."""
+
+    device: object
+    dy: object
+    x: object
+    axis: int
+    training: bool
+    mean: object
+    invstd: object
+    gamma: object
+    grad_dtype: np.dtype
+    out: object
+
+
+def check_backward(dy, x, stats, gamma, axis, training, out, device):
+    """Every check of a backward call, before anything is computed or written."""
+    device = choose_device(device, dy, x, out)
+    on_gpu = device.NAME == "cuda"
+    x = data("x", x)
+    dy = data("dy", dy)
+    if dy.dtype != x.dtype:
+        raise TypeError(f"dy must have x's dtype {x.dtype}, got {dy.dtype} (shape {dy.shape})")
+    if dy.shape != x.shape:
+        raise ValueError(f"dy must have x's shape {x.shape}, got {dy.shape}")
+    axis = channel_axis(axis, x)
+    training = flag("training", training)
+    try:
+        mean, invstd = stats
+    except (TypeError, ValueError):
+        raise TypeError("stats must be the BatchStats (mean, invstd) that forward returned, got "
+                        f"{type(stats).__name__}") from None
+    channels, where = x.shape[axis], of_x(x, axis)
+    mean = per_channel("stats.mean", mean, channels, where, on_gpu)
+    invstd = per_channel("stats.invstd", invstd, channels, where, on_gpu)
+    grad_dtype = x.dtype
+    if gamma is not None:
+        gamma_dtype = device_view(gamma).dtype if is_cuda_array(gamma) else np.asarray(gamma).dtype
+        grad_dtype = gamma_dtype if gamma_dtype.kind == "f" else x.dtype
+    gamma = per_channel("gamma", gamma, channels, where, on_gpu)
+    check_out(out, x, x=x, dy=dy)
+    if on_gpu:
+        gpu_contiguous("x", x)
+        gpu_contiguous("dy", dy)
+        if grad_dtype not in DATA_DTYPES:
+            raise TypeError(f"on the GPU, gamma must be float32 or float64 (dgamma and dbeta take "
+                            f"its dtype), got {grad_dtype}")
+    return Backward(device, dy, x, axis, training, mean, invstd, gamma, grad_dtype, out)
