@@ -9,7 +9,9 @@ import json
 import os
 import sys
 
-OPS = ("train fwd", "eval fwd", "train bwd")
+from fastbn.cases import OPS as _OPS
+
+OPS = tuple(op.name for op in _OPS)
 LABELS = {"fastbn": "fastbn", "numpy": "NumPy", "torch": "PyTorch"}  # charted against memcpy
 NONE = "–"
 

@@ -1,10 +1,18 @@
-"""The one table of layouts that drives the tests, ``python -m fastbn`` and the benchmarks.
+"""The tables of layouts and of ops that drive the tests, ``python -m fastbn`` and the benchmarks.
 
 Each layout names a shape convention and its channel axis, with a small shape for tests (big
 enough that the multi-chunk paths run once the tests shrink the block sizes), a larger one for a
-quick timing on any machine, and the shapes the benchmark suite (``bench/``) times.
+quick timing on any machine, and the shapes the benchmark suite (``bench/``) times. Each op
+(``OPS``) names the bytes it moves and its fastbn, NumPy and PyTorch calls on a :class:`Case`,
+the arrays of one shape on the CPU or the GPU.
 """
-from typing import NamedTuple
+from types import SimpleNamespace
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+import fastbn
+from fastbn import _naive
 
 
 class Layout(NamedTuple):
@@ -25,3 +33,176 @@ LAYOUTS = (
     Layout("NCDHW", 1, (3, 2, 4, 5, 6), (8, 32, 16, 28, 28)),
     Layout("NHWC", -1, (4, 6, 7, 5), (32, 56, 56, 64), bench=((64, 112, 112, 64),)),
 )
+
+
+# -- the ops that `python -m fastbn` and `bench/` time, and the arrays they run on ---------------
+
+MOMENTUM, EPS = 0.1, 1e-5
+
+
+def host(a):
+    """``a`` as a NumPy array: a CUDA array (a Numba device array, or the simulator's) copied to
+    the host, anything else as it is."""
+    return a.copy_to_host() if hasattr(a, "copy_to_host") else a
+
+
+def on_device(*arrays):
+    """Copies of ``arrays`` on the GPU (``numba.cuda.to_device``, C-contiguous), as a list."""
+    from numba import cuda
+    return [cuda.to_device(np.ascontiguousarray(a)) for a in arrays]
+
+
+def _as_tuple(result):
+    return result if isinstance(result, tuple) else (result,)
+
+
+def _fastbn_train_forward(case):
+    # out= writes y (or dx) into a preallocated array: fastbn's fast path, without allocation.
+    x, gamma, beta, axis, out = case.x, case.gamma, case.beta, case.axis, case.out
+    mean, var = case.running()
+    return lambda: fastbn.forward(x, gamma, beta, axis=axis, running_mean=mean, running_var=var,
+                                  momentum=MOMENTUM, eps=EPS, out=out)[0]
+
+
+def _fastbn_eval_forward(case):
+    x, gamma, beta, axis, out = case.x, case.gamma, case.beta, case.axis, case.out
+    mean, var = case.running_mean, case.running_var
+    return lambda: fastbn.forward(x, gamma, beta, axis=axis, training=False, running_mean=mean,
+                                  running_var=var, eps=EPS, out=out)[0]
+
+
+def _fastbn_train_backward(case):
+    dy, x, gamma, axis, out = case.dy, case.x, case.gamma, case.axis, case.out
+    _, stats = fastbn.forward(x, gamma, case.beta, axis=axis, eps=EPS)
+    return lambda: fastbn.backward(dy, x, stats, gamma, axis=axis, out=out)
+
+
+def _numpy_train_forward(case):
+    x, gamma, beta, axis = case.x, case.gamma, case.beta, case.axis
+    return lambda: _naive.forward(x, gamma, beta, axis, True, eps=EPS)[0]
+
+
+def _numpy_eval_forward(case):
+    x, gamma, beta, axis = case.x, case.gamma, case.beta, case.axis
+    mean, var = case.running_mean, case.running_var
+    return lambda: _naive.forward(x, gamma, beta, axis, False, mean, var, EPS)[0]
+
+
+def _numpy_train_backward(case):
+    dy, x, gamma, axis = case.dy, case.x, case.gamma, case.axis
+    _, mean, invstd = _naive.forward(x, gamma, case.beta, axis, True, eps=EPS)
+    return lambda: _naive.backward(dy, x, mean, invstd, gamma, axis, True)
+
+
+class Op(NamedTuple):
+    """One timed op: what it returns, the bytes it must move at the least, and its calls.
+
+    ``fastbn`` and ``numpy`` take a :class:`Case` and return the call to time (fastbn's writes
+    into ``case.out``; NumPy's is ``fastbn._naive`` in the case's dtype); ``torch`` names the
+    method of :func:`torch_batch_norm`'s object that runs it.
+    """
+    name: str
+    outputs: tuple  # the names of what a call returns
+    moves: int  # bytes moved at the least, in x.nbytes: x and y; or dy, x and dx
+    fastbn: Callable
+    numpy: Callable
+    torch: str
+
+
+OPS = (
+    Op("train fwd", ("y",), 2, _fastbn_train_forward, _numpy_train_forward, "train_forward"),
+    Op("eval fwd", ("y",), 2, _fastbn_eval_forward, _numpy_eval_forward, "eval_forward"),
+    Op("train bwd", ("dx", "dgamma", "dbeta"), 3, _fastbn_train_backward, _numpy_train_backward,
+       "train_backward"),
+)
+
+
+class Case:
+    """The arrays of one layout and shape, on the CPU or the GPU (``device="cuda"``: Numba device
+    arrays), and the float64 NumPy reference of each op."""
+
+    ARRAYS = ("x", "dy", "gamma", "beta", "running_mean", "running_var")
+
+    def __init__(self, layout, shape, dtype, device="cpu"):
+        rng = np.random.default_rng(0)
+        channels = shape[layout.axis]
+        self.axis, self.device = layout.axis, device
+        x = rng.standard_normal(shape, dtype)
+        x *= 2  # in place: no temporary the size of x
+        x += 3
+        self.host = dict(zip(self.ARRAYS, (
+            x, rng.standard_normal(shape, dtype), rng.uniform(0.5, 1.5, channels).astype(dtype),
+            rng.normal(size=channels).astype(dtype),
+            rng.normal(3.0, 0.1, channels).astype(dtype),
+            rng.uniform(3.0, 5.0, channels).astype(dtype))))
+        arrays = on_device(*self.host.values()) if device == "cuda" else self.host.values()
+        for name, a in zip(self.ARRAYS, arrays):
+            setattr(self, name, a)
+        if device == "cuda":
+            from numba import cuda
+            self.out = cuda.device_array_like(self.x)
+        else:
+            self.out = np.empty_like(self.x)
+        self._reference = None, None
+
+    def running(self):
+        """Fresh copies of the running statistics, for a call that updates them."""
+        copies = self.host["running_mean"].copy(), self.host["running_var"].copy()
+        return tuple(on_device(*copies)) if self.device == "cuda" else copies
+
+    def synchronized(self, call):
+        """``call``, ending with a device synchronization on the GPU (so that timing is real)."""
+        if self.device != "cuda":
+            return call
+        from numba import cuda
+
+        def run():
+            result = call()
+            cuda.synchronize()  # the whole device: PyTorch's kernels too
+            return result
+        return run
+
+    def memcpy(self):
+        """The yardstick: a copy of x into ``out`` (``np.copyto``; on the GPU, device to device)."""
+        x, out = self.x, self.out
+        if self.device == "cuda":
+            return lambda: out.copy_to_device(x)
+        return lambda: np.copyto(out, x)
+
+    def reference(self, op):
+        """The outputs of ``op``: its NumPy call on float64 copies of the host arrays."""
+        if self._reference[0] != op.name:
+            self._reference = None, None  # free the last op's before computing this one's
+            wide = SimpleNamespace(axis=self.axis, **{name: a.astype(np.float64)
+                                                      for name, a in self.host.items()})
+            self._reference = op.name, _as_tuple(op.numpy(wide)())
+        return self._reference[1]
+
+    def errors(self, op, result, to_numpy=host):
+        """``{output name: error}`` of an op's ``result`` against :meth:`reference`: max|actual -
+        reference| over max(1, max|reference|), NaN where there is one; ``to_numpy`` turns each
+        output into a NumPy array. Raises ValueError for an output of the wrong shape."""
+        errors = {}
+        for name, actual, expected in zip(op.outputs, _as_tuple(result), self.reference(op),
+                                          strict=True):
+            actual = to_numpy(actual)
+            if actual.shape != expected.shape:
+                raise ValueError(f"{name} has shape {actual.shape}, expected {expected.shape}")
+            scale = max(1.0, float(np.max(np.abs(expected))))
+            errors[name] = float(np.max(np.abs(actual - expected))) / scale
+        return errors
+
+
+def torch_batch_norm(case):
+    """PyTorch's ops on the case's arrays (``fastbn._torch.TorchBatchNorm``, whose methods
+    ``Op.torch`` names), or None where PyTorch (on the GPU: PyTorch with CUDA) is not installed."""
+    try:
+        import torch
+
+        from fastbn._torch import TorchBatchNorm
+    except ImportError:
+        return None
+    if case.device == "cuda" and not torch.cuda.is_available():
+        return None
+    return TorchBatchNorm(case.x, case.dy, case.gamma, case.beta, case.axis, *case.running(),
+                          momentum=MOMENTUM, eps=EPS)

@@ -1,9 +1,30 @@
 """Small helpers shared by the tests: tolerances, parametrizations, data generators, argument
-snapshots."""
+snapshots, shrunk block sizes, and a runner of subprocesses (on the real GPU or the simulator).
+
+``host`` and ``on_device`` (to move arrays off and onto the GPU) are ``fastbn.cases``', which
+``python -m fastbn`` and the benchmarks use too.
+"""
+import functools
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from fastbn.cases import LAYOUTS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Block sizes small enough that the tests' small shapes run every multi-chunk / multi-tile /
+# multi-segment / multi-column-block merge path of the CPU kernels (fastbn.cpu).
+# PARALLEL_MIN = 0 sends even these small shapes through the thread pool (the default runs them
+# on the calling thread); test_determinism checks that both give the same bits.
+CPU_SMALL_BLOCKS = {"CHUNK": 16, "TILE_ROWS": 3, "SEGMENT": 40, "COLUMN_BLOCK": 3,
+                    "PARALLEL_MIN": 0}
+# The same for the GPU kernels (fastbn.cuda): several blocks per channel and the grid-level
+# merge. Used under Numba's CUDA simulator only; a real GPU runs its default sizes.
+GPU_SMALL_BLOCKS = {"THREADS": 8, "COLUMNS": 4, "CHUNK": 20, "SEGMENT": 5}
 
 TOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-10}
 DTYPES = (np.float32, np.float64)
@@ -102,3 +123,54 @@ def numeric_grad(f, a, h=1e-6):
         a[i] = old
         g[i] = (fp - fm) / (2 * h)
     return g
+
+
+def shrink_blocks(monkeypatch, module, blocks):
+    """Set ``module``'s block-size constants to ``blocks`` for the test (undone after it)."""
+    for name, value in blocks.items():
+        assert hasattr(module, name), f"{module.__name__} has no block size {name}"
+        monkeypatch.setattr(module, name, value)
+
+
+def run(argv, env=None, timeout=600, check=True):
+    """Run ``argv`` in the repository root, with this checkout's fastbn first on PYTHONPATH and
+    ``env`` over os.environ (a value of None removes that variable). Returns the
+    CompletedProcess (text output); with ``check``, fails with its output unless it exits 0."""
+    environment = dict(os.environ)
+    for name, value in (env or {}).items():
+        if value is None:
+            environment.pop(name, None)
+        else:
+            environment[name] = value
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT,
+                                                              environment.get("PYTHONPATH")]))
+    proc = subprocess.run(argv, cwd=ROOT, env=environment, capture_output=True, text=True,
+                          timeout=timeout)
+    if check:
+        assert proc.returncode == 0, (f"{' '.join(map(str, argv))} exited with {proc.returncode}"
+                                      f":\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def run_python(*args, **kwargs):
+    """``python *args`` (a script and its arguments, ``-m module ...`` or ``-c code``) by
+    :func:`run`, in this interpreter."""
+    return run([sys.executable, *args], **kwargs)
+
+
+@functools.cache
+def gpu_usable():
+    """Whether numba.cuda finds a usable GPU here (not the simulator). Asked in a subprocess, so
+    that the tests' own process never initializes CUDA."""
+    out = run_python("-c", "from numba import cuda; print(cuda.is_available())",
+                     env={"NUMBA_ENABLE_CUDASIM": None}, timeout=300).stdout.split()
+    assert out and out[-1] in ("True", "False"), f"numba.cuda.is_available() printed {out}"
+    return out[-1] == "True"
+
+
+def gpu_env():
+    """``(where, env)``: where GPU code runs here, "real GPU" or "CUDA simulator", and the
+    environment that runs it there (for :func:`run`): Numba's simulator where no GPU is usable."""
+    if gpu_usable():
+        return "real GPU", {"NUMBA_ENABLE_CUDASIM": None}
+    return "CUDA simulator", {"NUMBA_ENABLE_CUDASIM": "1"}

@@ -7,11 +7,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-# Block sizes small enough that the tests' small shapes run every multi-chunk / multi-tile /
-# multi-segment / multi-column-block merge path of the CPU kernels.
-# PARALLEL_MIN = 0 sends even these small shapes through the thread pool (the default runs them
-# on the calling thread); test_determinism checks that both give the same bits.
-SMALL_BLOCKS = {"CHUNK": 16, "TILE_ROWS": 3, "SEGMENT": 40, "COLUMN_BLOCK": 3, "PARALLEL_MIN": 0}
+from _util import CPU_SMALL_BLOCKS, shrink_blocks  # noqa: E402
 
 
 def pytest_configure(config):
@@ -21,11 +17,11 @@ def pytest_configure(config):
 
 @pytest.fixture(autouse=True)
 def small_blocks(request, monkeypatch):
-    """Shrink fastbn.cpu's block sizes for every test not marked default_blocks."""
+    """Shrink fastbn.cpu's block sizes (CPU_SMALL_BLOCKS) for every test not marked
+    default_blocks."""
     import fastbn.cpu
     if request.node.get_closest_marker("default_blocks") is None:
-        for name, value in SMALL_BLOCKS.items():
-            monkeypatch.setattr(fastbn.cpu, name, value)
+        shrink_blocks(monkeypatch, fastbn.cpu, CPU_SMALL_BLOCKS)
     yield
 
 

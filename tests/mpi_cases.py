@@ -1,5 +1,5 @@
 """fastbn.distributed on every rank, run by tests/test_distributed.py as
-``mpiexec -n P python tests/mpi_cases.py``.
+``mpiexec -n P python -m mpi4py tests/mpi_cases.py [--gpu]``.
 
 Every rank builds the same global batch from one seed and takes its slice (uneven sizes, and an
 empty slice with 3 or more ranks). Each check compares the synchronized result with
@@ -18,14 +18,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fastbn  # noqa: E402
 from fastbn import distributed  # noqa: E402
 
+from fastbn.cases import host, on_device  # noqa: E402
+
 import reference  # noqa: E402
 from _util import assert_close, make_case  # noqa: E402
 
-# Under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1) the slices are CUDA arrays, and only the
-# checks that take them run.
-GPU = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
-if GPU:
-    from numba import cuda
+# --gpu: the slices are CUDA arrays (on the GPU, or under Numba's CUDA simulator where
+# NUMBA_ENABLE_CUDASIM=1), and only the checks that take them run.
+GPU = "--gpu" in sys.argv[1:]
 
 comm = MPI.COMM_WORLD
 rank, size = comm.Get_rank(), comm.Get_size()
@@ -35,7 +35,7 @@ checks = []
 
 
 def check(func=None, gpu=False):
-    """Register a check; ``gpu=True``: it runs under the simulator too, with CUDA arrays."""
+    """Register a check; ``gpu=True``: it runs with --gpu too, with CUDA arrays."""
     def register(func):
         if gpu or not GPU:
             checks.append(func)
@@ -43,12 +43,9 @@ def check(func=None, gpu=False):
     return register(func) if func else register
 
 
-def on_device(a):
-    return cuda.to_device(np.ascontiguousarray(a)) if GPU else a
-
-
-def host(a):
-    return a.copy_to_host() if GPU and not isinstance(a, np.ndarray) else a
+def mine_on_device(a):
+    """``a`` on the GPU with --gpu, else as it is."""
+    return on_device(a)[0] if GPU else a
 
 
 def my_slice(a, sizes):
@@ -85,12 +82,12 @@ def forward_and_backward_equal_the_concatenated_batch():
 
             mine_rm, mine_rv = rm.copy(), rv.copy()
             if GPU and sizes is SPLITS[-1]:  # running statistics on the device, updated there
-                mine_rm, mine_rv = on_device(mine_rm), on_device(mine_rv)
-            x_mine = on_device(my_slice(x, sizes))
+                mine_rm, mine_rv = on_device(mine_rm, mine_rv)
+            x_mine = mine_on_device(my_slice(x, sizes))
             y, st = distributed.forward(x_mine, gamma, beta, axis=axis, running_mean=mine_rm,
                                         running_var=mine_rv)
-            dx, dg, db = distributed.backward(on_device(my_slice(dy, sizes)), x_mine, st, gamma,
-                                              axis=axis)
+            dy_mine = mine_on_device(my_slice(dy, sizes))
+            dx, dg, db = distributed.backward(dy_mine, x_mine, st, gamma, axis=axis)
             y, dx, dg, db = host(y), host(dx), host(dg), host(db)
             st = fastbn.BatchStats(host(st.mean), host(st.invstd))
             mine_rm, mine_rv = host(mine_rm), host(mine_rv)
@@ -222,7 +219,8 @@ def a_bad_argument_on_one_rank_raises_on_every_rank():
     dy = np.ones((4, 3), np.float32 if rank == 0 else np.float64)
     stats = distributed.forward(x)[1]
     expect_error(TypeError, "dy", lambda: distributed.backward(dy, x, stats))
-    # not a TypeError or ValueError: no GPU here for rank 0's device="cuda"
+    # not a TypeError or ValueError: CUDA is switched off here (NUMBA_DISABLE_CUDA=1, set by
+    # tests/test_distributed.py) for rank 0's device="cuda"
     device = "cuda" if rank == 0 else None
     expect_error(RuntimeError, "CUDA" if rank == 0 else "rank 0 of",
                  lambda: distributed.forward(x, device=device))

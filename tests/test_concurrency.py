@@ -9,13 +9,10 @@ Each layer runs in a fresh interpreter (Numba picks its layer once per process),
 """
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _util import run_python
 
 SCRIPT = r"""
 import json, multiprocessing, os, sys, threading
@@ -95,11 +92,8 @@ def _layers():
 
 @pytest.mark.parametrize("layer", _layers())
 def test_threads_and_forked_children_get_the_sequential_bits(layer):
-    env = dict(os.environ, NUMBA_THREADING_LAYER=layer, NUMBA_NUM_THREADS="2",
-               PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_python("-c", SCRIPT, env={"NUMBA_THREADING_LAYER": layer, "NUMBA_NUM_THREADS": "2"},
+                      timeout=900)
     report = json.loads(proc.stdout.splitlines()[-1])
     assert report["layer"] == layer
     # workqueue cannot take two launches at once: fastbn serializes its kernels there

@@ -1,22 +1,45 @@
-"""The GPU path under Numba's CUDA simulator, in a process of its own (tests/cuda_sim_cases.py).
+"""The GPU path, in processes of their own: on the GPU where numba.cuda finds one, else under
+Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1, which must be set before numba is imported).
 
-NUMBA_ENABLE_CUDASIM must be set before numba is imported, so the cases run in a subprocess; this
-test passes only if every one of them passes. On a machine with a GPU, the same cases run on the
-real device when `tests/cuda_sim_cases.py` is run without the simulator... not yet: see README.
+The test ids say which one ran (``real GPU`` or ``CUDA simulator``). Asking whether a GPU is
+usable happens in a subprocess too, so that this process never initializes CUDA.
 """
-import os
-import subprocess
-import sys
+import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _util import gpu_env, gpu_usable, run_python
+
+WHERE, ENV = gpu_env()
 
 
-def test_gpu_path_under_the_cuda_simulator():
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    env.pop("FASTBN_DEVICE", None)
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "tests/cuda_sim_cases.py"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=1800)
+@pytest.mark.parametrize("where", [WHERE])
+def test_gpu_cases(where):
+    """Every case of tests/cuda_cases.py passes, none skipped."""
+    proc = run_python("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/cuda_cases.py",
+                      env=dict(ENV, FASTBN_DEVICE=None), timeout=1800, check=False)
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     assert proc.returncode == 0 and "passed" in summary and "skipped" not in summary, (
-        proc.stdout[-8000:] + proc.stderr[-3000:])
+        f"tests/cuda_cases.py on the {where}:\n{proc.stdout[-8000:]}\n{proc.stderr[-3000:]}")
+
+
+def test_cuda_available_agrees_with_numba():
+    """fastbn.cuda_available() is the bool that numba.cuda.is_available() gives (no simulator)."""
+    proc = run_python("-c", "import fastbn; print(repr(fastbn.cuda_available()))",
+                      env={"NUMBA_ENABLE_CUDASIM": None}, timeout=300)
+    assert proc.stdout.split()[-1] == repr(gpu_usable()), proc.stdout
+
+
+@pytest.mark.parametrize("where", ["real GPU" if gpu_usable() else "no GPU"])
+def test_python_m_fastbn_device_cuda(where):
+    """``python -m fastbn --device cuda``: the table on a GPU; without one, a one-line message
+    that says what is missing, and exit status 1 without a traceback."""
+    proc = run_python("-m", "fastbn", "--device", "cuda", "--repeat", "1",
+                      env={"NUMBA_ENABLE_CUDASIM": None}, timeout=900, check=False)
+    output = proc.stdout + proc.stderr
+    if where == "real GPU":
+        assert proc.returncode == 0, output
+        assert "| NCHW |" in proc.stdout and "FAILED" not in output, output
+    else:
+        assert proc.returncode == 1 and "Traceback" not in output, output
+        message = proc.stderr.strip()
+        assert "\n" not in message and "NVIDIA GPU" in message, output
+        assert 'pip install "fastbn[cuda]"' in message and proc.stdout == "", output

@@ -1,13 +1,7 @@
 """Bitwise reproducibility: the same call twice, and across NUMBA_NUM_THREADS."""
-import os
-import subprocess
-import sys
-
 import fastbn
 
-from _util import each_dtype, each_layout, make_case
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _util import CPU_SMALL_BLOCKS, each_dtype, each_layout, make_case, run_python
 
 
 def _run_all(x, dy, gamma, beta, rm, rv, axis):
@@ -38,7 +32,7 @@ import fastbn, fastbn.cpu
 
 CASES = [((8, 3, 64, 64), 1), ((64, 40, 40, 3), -1), ((300, 1100), 1), ((2, 5, 30000), 1),
          ((6, 24, 50), 1)]
-SMALL = {"CHUNK": 16, "TILE_ROWS": 3, "SEGMENT": 40, "COLUMN_BLOCK": 3}
+SMALL = CPU_SMALL_BLOCKS
 DEFAULTS = {k: getattr(fastbn.cpu, k) for k in SMALL}
 
 print("threads", numba.get_num_threads())
@@ -65,15 +59,11 @@ for blocks in ("default", "small"):
             for a in (y, s.mean, s.invstd, rm, rv, dx, dg, db, ye, dxe):
                 h.update(np.ascontiguousarray(a).tobytes())
             print(blocks, shape, axis, np.dtype(dtype).name, h.hexdigest())
-"""
+""".replace("CPU_SMALL_BLOCKS", repr(CPU_SMALL_BLOCKS))  # the tests' shrunk block sizes
 
 
 def _hashes(threads):
-    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads))
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
+    proc = run_python("-c", SCRIPT, env={"NUMBA_NUM_THREADS": str(threads)})
     lines = proc.stdout.strip().splitlines()
     assert lines[0] == f"threads {threads}"
     return lines[1:]

@@ -143,10 +143,6 @@ def test_device_cpu_same_as_default(layout, rng):
         assert np.array_equal(a, b)
 
 
-def test_cuda_not_available_yet():
-    assert fastbn.cuda_available() is False
-
-
 # Shapes with more rows than the LAYOUTS' small ones: at the tests' block sizes a channels-last
 # work item then spans several tiles, and planar channels many chunks of several rows.
 LONGER = [("NHWC-long", (16, 12, 10, 5), -1), ("NxD-long", (300, 130), 1),

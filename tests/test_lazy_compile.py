@@ -1,10 +1,7 @@
 """A first call compiles (or loads from Numba's cache) only the kernels it runs."""
 import json
-import os
-import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _util import run_python
 
 # In a fresh interpreter: the parallel kernels each call brings in, one call after another.
 SCRIPT = r"""
@@ -38,9 +35,4 @@ EXPECTED = [
 
 
 def test_each_first_call_brings_in_only_its_kernels():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT,
-                                                                     os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == EXPECTED
+    assert json.loads(run_python("-c", SCRIPT).stdout) == EXPECTED

@@ -7,12 +7,10 @@ Numba's allocations): Linux resets the peak (VmHWM) when "5" is written to
 """
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _util import run_python
 
 SCRIPT = r"""
 import json, sys
@@ -97,12 +95,8 @@ print(json.dumps({"before": before, "after": rss()}))
 
 
 def _run(script):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT,
-                                                                     os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.splitlines()[-1])
+    """The JSON that ``script`` prints last, run in a fresh interpreter."""
+    return json.loads(run_python("-c", script, timeout=900).stdout.splitlines()[-1])
 
 
 needs_proc = pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK),

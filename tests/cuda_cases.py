@@ -1,45 +1,38 @@
-"""The GPU path, run by tests/test_cuda.py under NUMBA_ENABLE_CUDASIM=1 in a process of its own.
+"""The GPU path, run by tests/test_cuda.py in a process of its own: on the GPU where one is
+usable, else under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1).
 
 Not collected by a plain ``pytest`` (the name does not start with ``test_``): the simulator must be
-switched on before numba is imported. The block sizes are shrunk so that every multi-block merge
-and the grid-level merge run on the tests' small shapes. Each case compares the GPU with the float64
-reference and with the CPU path.
+switched on before numba is imported. Under the simulator the block sizes are shrunk so that every
+multi-block merge and the grid-level merge run on the tests' small shapes; a real GPU runs its
+default ones. Each case compares the GPU with the float64 reference and with the CPU path.
 """
-import os
-
+import numba
 import numpy as np
 import pytest
+from numba import cuda
 
-assert os.environ.get("NUMBA_ENABLE_CUDASIM") == "1", "run through tests/test_cuda.py"
+import fastbn
+import fastbn.__main__
+import fastbn.cuda
+from fastbn.cases import LAYOUTS, OPS, host, on_device
 
-from numba import cuda  # noqa: E402
-
-import fastbn  # noqa: E402
-import fastbn.cuda  # noqa: E402
-
-import reference  # noqa: E402
-from _util import assert_close, each_dtype, each_layout, make_case, tol_for  # noqa: E402
+import reference
+from _util import (GPU_SMALL_BLOCKS, assert_close, each_dtype, each_layout, make_case,
+                   shrink_blocks, tol_for)
 
 
 @pytest.fixture(autouse=True)
-def tiny_blocks(monkeypatch):
-    for name, value in {"THREADS": 8, "COLUMNS": 4, "CHUNK": 20, "SEGMENT": 5}.items():
-        monkeypatch.setattr(fastbn.cuda, name, value)
+def small_gpu_blocks(monkeypatch):
+    """Under the simulator, fastbn.cuda's block sizes shrunk to GPU_SMALL_BLOCKS."""
+    if numba.config.ENABLE_CUDASIM:
+        shrink_blocks(monkeypatch, fastbn.cuda, GPU_SMALL_BLOCKS)
 
 
 def is_device_array(a):
     return not isinstance(a, np.ndarray) and hasattr(a, "copy_to_host")
 
 
-def host(a):
-    return a.copy_to_host() if is_device_array(a) else a
-
-
-def on_device(*arrays):
-    return [cuda.to_device(a) for a in arrays]
-
-
-def test_cuda_is_available_under_the_simulator():
+def test_cuda_is_available():
     assert fastbn.cuda_available()
 
 
@@ -178,7 +171,7 @@ def test_errors(rng):
     out = cuda.device_array_like(xd)
     with pytest.raises(TypeError, match="same place"):
         fastbn.forward(xd, running_mean=rm, running_var=rv, out=out)
-    assert np.all(rm.copy_to_host() == 0) and np.all(rv == 1)
+    assert np.all(host(rm) == 0) and np.all(rv == 1)
     stats = fastbn.forward(xd)[1]
     with pytest.raises(TypeError, match="float32 or float64"):
         fastbn.backward(xd, xd, stats, np.ones(3, np.longdouble), out=out)
@@ -255,3 +248,17 @@ def test_moments_and_normalize_match_the_cpu(layout, rng):
     assert_close(host(stats.invstd), rstats.invstd, 1e-12, "invstd")
     assert_close(host(rmd), rm, 1e-12, "running_mean")
     assert_close(host(rvd), rv, 1e-12, "running_var")
+
+
+def test_python_m_fastbn_checks_and_times_the_gpu(monkeypatch, capsys):
+    """``python -m fastbn --device cuda``, on a small shape (the simulator is slow)."""
+    layout = next(layout._replace(large=layout.small) for layout in LAYOUTS
+                  if layout.name == "NCHW")
+    monkeypatch.setattr(fastbn.__main__, "LAYOUTS", [layout])
+    assert fastbn.__main__.main(["--device", "cuda", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    shape = "x".join(map(str, layout.small))
+    assert "ok" in out and "FAILED" not in out, out
+    for op in OPS:
+        assert f"| NCHW | {shape} | {op.name} |" in out, out
+    assert "n/a on the GPU" in out, out
