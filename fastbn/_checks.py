@@ -13,7 +13,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._arrays import device_view, is_cuda_array, is_read_only, overlaps, byte_range
+from . import cpu
+from ._arrays import byte_range, device_view, is_cuda_array, is_read_only, overlaps
 
 DATA_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _DEVICES = (None, "cpu", "cuda")
@@ -48,9 +49,8 @@ def choose_device(device, *arrays):
                 "a CUDA array), but none is usable here: it needs an NVIDIA GPU and driver and "
                 "the CUDA extra, `pip install \"fastbn[cuda]\"` (numba-cuda with the CUDA "
                 "bindings); fastbn.cuda_available() tells whether one is found")
-        from . import cuda
+        from . import cuda  # only now: import fastbn never needs CUDA
         return cuda
-    from . import cpu
     return cpu
 
 
@@ -59,7 +59,6 @@ def where_lives(a):
     if is_cuda_array(a):
         from . import cuda
         return cuda
-    from . import cpu
     return cpu
 
 
