@@ -623,11 +623,11 @@ def per_channel(values, channels, fill=None, copy=False):
 
     A float64 array is returned as it is unless ``copy``; a GPU one is copied to the host.
     """
+    if isinstance(values, np.ndarray):
+        return np.array(values, np.float64) if copy else np.asarray(values, np.float64)
     if values is None:
         return None if fill is None else np.full(channels, fill, np.float64)
-    if hasattr(values, "copy_to_host"):
-        return values.copy_to_host().astype(np.float64, copy=False)
-    return np.array(values, np.float64) if copy else np.asarray(values, np.float64)
+    return values.copy_to_host().astype(np.float64, copy=False)  # a device array
 
 
 def to_host(a):
