@@ -562,9 +562,9 @@ def _grad_sums(dy3, x3, mean):
 
 def _affine(x3, y3, shift, scale, bias):
     """``y = scale·(x − shift) + bias`` per channel, written into ``y3``."""
-    inner = x3.shape[2]
     if x3.size == 0:
         return
+    inner = x3.shape[2]
     if inner >= PLANAR_RUN:
         _planar_affine(x3, y3, shift, scale, bias, CHUNK)
         return

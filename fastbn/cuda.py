@@ -391,9 +391,9 @@ def _zeros(channels):
     return cuda.to_device(np.zeros(channels))
 
 
-def _empty(channels, count=1):
-    """``count`` new float64 device vectors of ``channels`` values."""
-    return [cuda.device_array(channels, np.float64) for _ in range(count)]
+def _empty(shape, count):
+    """``count`` new float64 device arrays of ``shape`` (per-channel vectors, per-piece parts)."""
+    return [cuda.device_array(shape, np.float64) for _ in range(count)]
 
 
 def _shift(x3):
@@ -494,7 +494,7 @@ def moments(x3):
         return _zeros(channels), _zeros(channels), _zeros(channels)
     shift = _shift(x3)
     kernels, planar, piece, pieces, grid, block = _reduce_launch(x3)
-    counts, means, m2s = (cuda.device_array((pieces, channels), np.float64) for _ in range(3))
+    counts, means, m2s = _empty((pieces, channels), 3)
     if planar:
         kernels[0][grid, block](x3, shift, piece, counts, means, m2s)
     else:
@@ -533,7 +533,7 @@ def gradient_sums(dy3, x3, mean):
     if x3.size == 0:
         return _zeros(channels), _zeros(channels)
     kernels, planar, piece, pieces, grid, block = _reduce_launch(x3)
-    parts = [cuda.device_array((pieces, channels), np.float64) for _ in range(2)]
+    parts = _empty((pieces, channels), 2)
     if planar:
         kernels[2][grid, block](dy3, x3, mean, piece, *parts)
     else:
