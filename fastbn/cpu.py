@@ -28,7 +28,7 @@ The kernels come in two families (docs/design.md §2):
 * planar (``inner >= PLANAR_RUN``): channel ``c`` is ``outer`` contiguous runs ``x[o, c, :]``, and
   loops run along a run;
 * rows (channels-last and N×D, ``inner == 1``, and runs too short to vectorize): the view is read as
-  ``outer`` rows of ``C·inner`` values (``_row_parts``), and loops run across a row.
+  ``outer`` rows of ``C·inner`` values (``_rows_of``), and loops run across a row.
 
 Numerics (docs/design.md §3): all arithmetic is float64 whatever x's dtype. Statistics are taken of
 ``x − s``, with ``s`` one value of the channel, so that a large common offset never enters a sum.
@@ -37,8 +37,13 @@ it sits in cache, and the pieces are merged with Chan et al.'s formula (``chan``
 both devices) in a fixed order. Chunk boundaries depend on the shape and the block sizes below
 only, never on the thread count, so results are bitwise reproducible.
 
-The block sizes are read at call time, so tests can shrink them to run the multi-chunk paths on
-small shapes.
+Each step is one compiled call, built twice (``_Twin``): a parallel build whose kernels run on
+Numba's thread pool, and a serial build for tensors too small to pay for waking it. The two cut
+the work alike, so they give the same bits. ``batch_norm`` and ``batch_norm_backward`` run a whole
+op in one compiled call, for the API's lean path (docs/design.md §4.3).
+
+The block sizes are read at call time and passed to the compiled code (``_blocks``), so tests can
+shrink them to run the multi-chunk paths on small shapes.
 """
 import functools
 import os
@@ -58,7 +63,7 @@ SEGMENT = 1 << 18  # rows: elements per parallel work item (bounds the partials 
 COLUMN_BLOCK = 512  # rows: columns per work item, so that wide rows still give many items and
 #                     a block's float64 accumulators stay in L1
 MIN_WORK_ITEMS = 16  # work items a tensor is cut into at the least, so that every core has work
-FOLD_WIDTH = 64  # rows: rows narrower than this are read several at a time (_row_parts)
+FOLD_WIDTH = 64  # rows: rows narrower than this are read several at a time (_rows_of)
 PARALLEL_MIN = 1 << 16  # smaller tensors run on the calling thread: waking others costs more
 PLANAR_RUN = 32  # planar kernels need runs this long to pay; shorter ones are read as rows
 
@@ -74,23 +79,23 @@ _jit = dict(cache=True, nogil=True, error_model="numpy")
 _helper = dict(_jit, no_cpython_wrapper=True)
 
 
-# -- running the parallel kernels safely from threads and forked children -----------------------
+# -- two builds of every step: on the thread pool, and on the calling thread -------------------
 #
 # Numba's threading layers differ (numba.readthedocs.io, "The Threading Layers"): tbb and omp
 # accept parallel kernels from several threads at once, workqueue aborts the process when two
 # threads launch at the same time, and GNU OpenMP's pool does not survive fork(): a child whose
-# parent had started it is terminated at its first parallel kernel. So every parallel kernel
-# runs through _ParallelKernel, which follows one of three policies:
-PARALLEL = "parallel"  # tbb, omp: call the parallel compilation
+# parent had started it is terminated at its first parallel kernel. So every call from Python
+# goes through _Twin, under one of three policies:
+PARALLEL = "parallel"  # tbb, omp: call the parallel build
 LOCKED = "locked"  # workqueue: the same, one call at a time
-SERIAL = "serial"  # a forked child of a process whose GNU OpenMP pool had started: a
-#                    compilation of the same code without the pool (same chunks, same bits)
-_policy = None  # chosen at the first kernel call, when Numba starts its pool
+SERIAL = "serial"  # a forked child of a process whose GNU OpenMP pool had started: the serial
+#                    build (same chunks, same bits)
+_policy = None  # chosen at the first call, when Numba starts its pool
 _pool_lock = threading.Lock()
 
 
 def execution_policy():
-    """How the parallel kernels run in this process: ``PARALLEL``, ``LOCKED`` or ``SERIAL``."""
+    """How the parallel builds run in this process: ``PARALLEL``, ``LOCKED`` or ``SERIAL``."""
     global _policy
     if _policy is None:
         numba.get_num_threads()  # starts Numba's pool, which settles the threading layer
@@ -114,37 +119,68 @@ def _after_fork_in_child():
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class _ParallelKernel:
-    """A ``parallel=True`` kernel, run under the process's policy (above)."""
+class _Twin:
+    """A function compiled twice: ``parallel``, whose ``prange`` loops run on Numba's pool, and
+    ``serial``, which runs on the calling thread. Same code, same chunks, so the same bits.
 
-    def __init__(self, py_func, options):
-        self.parallel = njit(parallel=True, **options)(py_func)
-        self._py_func, self._options = py_func, options
+    A kernel (``_kernel``) holds the ``prange`` loops; a step (``_step``) calls kernels and other
+    steps by their global names, and each of its builds calls the same build of those.
+    """
+
+    def __init__(self, py_func, kernel, options):
+        self._py_func, self._kernel, self._options = py_func, kernel, options
         functools.update_wrapper(self, py_func)
+
+    def _build(self, serial):
+        f = self._py_func
+        names = f.__globals__
+        twins = {name: getattr(names[name], "serial" if serial else "parallel")
+                 for name in f.__code__.co_names if isinstance(names.get(name), _Twin)}
+        if not (serial or twins):
+            return njit(parallel=self._kernel, **self._options)(f)
+        # A copy under another name: Numba's disk cache is keyed by the function's name and
+        # signature, not by `parallel` or by the functions it calls.
+        copy = types.FunctionType(f.__code__, dict(names, **twins), f.__name__, f.__defaults__,
+                                  f.__closure__)
+        copy.__qualname__ = f.__qualname__ + ("_serial" if serial else "")
+        return njit(**self._options)(copy)
+
+    @functools.cached_property
+    def parallel(self):
+        return self._build(serial=False)
 
     @functools.cached_property
     def serial(self):
-        """The same code compiled without the pool, on first use (in forked children only)."""
-        f = self._py_func
-        # A copy under another name: Numba's disk cache is keyed by the function's name and
-        # signature, not by `parallel`, so the two compilations must not share the name.
-        copy = types.FunctionType(f.__code__, f.__globals__, f.__name__, f.__defaults__,
-                                  f.__closure__)
-        copy.__qualname__ = f.__qualname__ + "_serial"
-        return njit(parallel=False, **self._options)(copy)
+        return self._build(serial=True)
 
     def __call__(self, *args):
+        """Run a step from Python: serially when its first array has fewer than PARALLEL_MIN
+        values (waking the pool costs more than such a tensor's work) or in a forked child,
+        else on the pool."""
         policy = _policy or execution_policy()
-        if policy is PARALLEL:
-            return self.parallel(*args)
+        if args[0].size < PARALLEL_MIN or policy is SERIAL:
+            return self.serial(*args)
         if policy is LOCKED:
             with _pool_lock:
                 return self.parallel(*args)
-        return self.serial(*args)
+        return self.parallel(*args)
 
 
-def _parallel_kernel(**options):
-    return lambda py_func: _ParallelKernel(py_func, dict(_jit, **options))
+def _kernel(py_func=None, **options):
+    """A parallel kernel: only compiled steps call it."""
+    if py_func is None:
+        return lambda f: _kernel(f, **options)
+    return _Twin(py_func, True, dict(_helper, **options))
+
+
+def _step(py_func):
+    """A step: compiled code that calls kernels and steps, callable from Python."""
+    return _Twin(py_func, False, _jit)
+
+
+def _blocks():
+    """The block sizes, as the compiled steps take them."""
+    return CHUNK, TILE_ROWS, SEGMENT, COLUMN_BLOCK, MIN_WORK_ITEMS, FOLD_WIDTH, PLANAR_RUN
 
 
 # -- merging per-piece results, and the coefficients of the maps ------------------------------
@@ -202,6 +238,10 @@ def _backward_coefficients(sum_dy, sum_dy_xmu, count, gamma, invstd):
     """``(p, q, r)`` of training backward's map ``dx = p·dy + q·(x − μ) + r``."""
     p = gamma * invstd
     return p, -p * invstd * invstd * sum_dy_xmu / count, -p * sum_dy / count
+
+
+_forward_coefficients_jit = njit(**_helper)(_forward_coefficients)
+_backward_coefficients_jit = njit(**_helper)(_backward_coefficients)
 
 
 # -- planar -----------------------------------------------------------------------------------
@@ -278,7 +318,7 @@ def _chunk_moments(x, c, shift, r0, r1, i0, i1):
     return np.float64(n), (centre - shift) + sd / n, 0.0 if m2 < 0.0 else m2  # NaN passes
 
 
-@_parallel_kernel()
+@_kernel
 def _planar_moments(x, shift, rows, pieces):
     outer, channels, inner = x.shape
     chunks = (outer + rows - 1) // rows * pieces
@@ -304,7 +344,7 @@ def _chunk_grad_sums(dy, x, c, mean, r0, r1, i0, i1):
     return s, sx
 
 
-@_parallel_kernel()
+@_kernel
 def _planar_grad_sums(dy, x, mean, rows, pieces):
     outer, channels, inner = x.shape
     chunks = (outer + rows - 1) // rows * pieces
@@ -325,7 +365,7 @@ def _piece(w, length, piece):
     return w // pieces, i0, min(i0 + piece, length)
 
 
-@_parallel_kernel()
+@_kernel
 def _planar_affine(x, y, shift, scale, bias, piece):
     outer, channels, inner = x.shape
     for w in prange(outer * channels * ((inner + piece - 1) // piece)):
@@ -335,7 +375,7 @@ def _planar_affine(x, y, shift, scale, bias, piece):
         _map_run(x[o, c, i0:i1], y[o, c, i0:i1], shift[c], scale[c], bias[c])
 
 
-@_parallel_kernel()
+@_kernel
 def _planar_grad_map(dy, x, dx, mean, p, q, r, piece):
     outer, channels, inner = x.shape
     for w in prange(outer * channels * ((inner + piece - 1) // piece)):
@@ -348,7 +388,7 @@ def _planar_grad_map(dy, x, dx, mean, p, q, r, piece):
 # -- rows: channels-last, N×D, and planar runs too short to vectorize --------------------------
 
 
-@_parallel_kernel()
+@_kernel
 def _rows_moments(x, shift, segment_rows, tile_rows, column_block):
     rows, channels = x.shape
     segments = (rows + segment_rows - 1) // segment_rows
@@ -402,7 +442,7 @@ def _rows_moments(x, shift, segment_rows, tile_rows, column_block):
     return merge(counts, means, m2s)[1:]
 
 
-@_parallel_kernel()
+@_kernel
 def _rows_grad_sums(dy, x, mean, segment_rows, column_block):
     rows, channels = x.shape
     segments = (rows + segment_rows - 1) // segment_rows
@@ -428,7 +468,7 @@ def _rows_grad_sums(dy, x, mean, segment_rows, column_block):
     return _add_partials(sums)
 
 
-@_parallel_kernel(fastmath=_MAP_MATH)
+@_kernel(fastmath=_MAP_MATH)
 def _rows_affine(x, y, shift, scale, bias, piece):
     rows, width = x.shape
     for w in prange(rows * ((width + piece - 1) // piece)):
@@ -439,7 +479,7 @@ def _rows_affine(x, y, shift, scale, bias, piece):
             yr[c] = a[c] * (xr[c] - s[c]) + b[c]
 
 
-@_parallel_kernel(fastmath=_MAP_MATH)
+@_kernel(fastmath=_MAP_MATH)
 def _rows_grad_map(dy, x, dx, mean, p, q, r, piece):
     rows, width = x.shape
     for w in prange(rows * ((width + piece - 1) // piece)):
@@ -453,133 +493,276 @@ def _rows_grad_map(dy, x, dx, mean, p, q, r, piece):
 # -- cutting the view into work -----------------------------------------------------------------
 
 
-def _planar_plan(outer, inner):
+@njit(**_helper)
+def _planar_plan(outer, inner, chunk):
     """(rows, pieces): a chunk is ``rows`` whole rows, or one of ``pieces`` parts of a row."""
-    if inner >= CHUNK:
-        return 1, -(-inner // CHUNK)
-    return max(1, CHUNK // inner), 1
+    if inner >= chunk:
+        return 1, (inner + chunk - 1) // chunk
+    return max(1, chunk // inner), 1
 
 
-def _rows_plan(rows, width):
+@njit(**_helper)
+def _rows_plan(rows, width, blocks):
     """(segment_rows, tile_rows, column_block) for ``rows`` rows of ``width`` values.
 
     A work item is a segment of rows (whole tiles, at most SEGMENT values) times a block of
     columns; segments are made short enough for MIN_WORK_ITEMS items, so that a small tensor still
     gives every core work. Shape alone, never the thread count, decides the plan.
     """
-    block = min(width, COLUMN_BLOCK)
-    segments = -(-MIN_WORK_ITEMS // -(-width // block))
-    tiles = max(1, min(SEGMENT // block // TILE_ROWS, -(-rows // (segments * TILE_ROWS))))
-    return tiles * TILE_ROWS, TILE_ROWS, block
+    _, tile_rows, segment, column_block, min_items, _, _ = blocks
+    block = min(width, column_block)
+    segments = (min_items + (width + block - 1) // block - 1) // ((width + block - 1) // block)
+    tiles = max(1, min(segment // block // tile_rows,
+                       (rows + segments * tile_rows - 1) // (segments * tile_rows)))
+    return tiles * tile_rows, tile_rows, block
 
 
-def _row_parts(a3):
-    """``[(rows, fold)]``: ``a3`` ``(outer, C, inner)`` read as rows of ``C·inner`` values.
+@njit(**_helper)
+def _fold(a3, blocks):
+    """How many rows of ``a3`` the rows kernels read as one (see ``_rows_of``)."""
+    outer, channels, inner = a3.shape
+    return min(outer, max(1, blocks[5] // (channels * inner)))
+
+
+@njit(**_helper)
+def _rows_of(a3, fold, leftover):
+    """``a3`` ``(outer, C, inner)`` read as rows of ``C·inner`` values, ``fold`` rows at a time.
 
     The rows kernels loop along a row, so with short rows (C = 3 channels-last, say) they would not
     fill the SIMD lanes: ``fold`` consecutive rows are read as one, which gives ``fold`` columns per
-    channel and position, merged afterwards. Rows left over (fewer than ``fold``) come as a second
-    part, read one at a time.
+    channel and position. Rows left over (fewer than ``fold``) are read one at a time, as a second
+    part (``leftover``).
     """
     outer, channels, inner = a3.shape
     width = channels * inner
-    rows = a3.reshape(outer, width)
-    fold = min(outer, max(1, FOLD_WIDTH // width))
-    if fold == 1:
-        return [(rows, 1)]
     whole = outer - outer % fold
-    parts = [(rows[:whole].reshape(whole // fold, fold * width), fold)]
-    if whole < outer:
-        parts.append((rows[whole:], 1))
-    return parts
+    flat = a3.reshape(outer * width)
+    if leftover:
+        return flat[whole * width:].reshape(outer - whole, width)
+    return flat[:whole * width].reshape(whole // fold, fold * width)
 
 
+@njit(**_helper)
+def _parts(a3, fold):
+    """The parts ``_rows_of`` reads ``a3`` in: 1, or 2 when rows are left over."""
+    return 1 if a3.shape[0] % fold == 0 else 2
+
+
+@njit(**_helper)
 def _per_column(values, inner, fold):
-    """Per-channel values laid out along a row of ``_row_parts``."""
+    """Per-channel float64 values laid out along a row of ``_rows_of``."""
     if inner == 1 and fold == 1:
         return values
     laid_out = np.empty((fold, values.size, inner))
-    laid_out[...] = values[:, None]
-    return laid_out.reshape(-1)
+    for k in range(fold):
+        for c in range(values.size):
+            laid_out[k, c, :] = values[c]
+    return laid_out.reshape(fold * values.size * inner)
 
 
-def _by_channel(columns, channels, inner):
-    """Per-column results along a row of ``_row_parts`` as ``(columns per channel, C)``."""
-    return columns.reshape(-1, channels, inner).transpose(0, 2, 1).reshape(-1, channels)
+# -- the steps: one compiled call each (the device interface below calls them) -----------------
 
 
-def _serial_when_small(step):
-    """Run ``step`` on the calling thread alone when its first array has < PARALLEL_MIN values.
-
-    Waking the thread pool costs more than a small tensor's work, and far more when other
-    processes hold the cores. Results do not change: the work is cut the same way either way.
-    """
-    @functools.wraps(step)
-    def run(a3, *args):
-        if a3.size >= PARALLEL_MIN:
-            return step(a3, *args)
-        threads = numba.get_num_threads()  # per calling thread, so this is thread-safe
-        numba.set_num_threads(1)
-        try:
-            return step(a3, *args)
-        finally:
-            numba.set_num_threads(threads)
-    return run
-
-
-def _moments(x3, shift):
+@_step
+def _moments_about(x3, shift, blocks):
     """Per-channel mean of ``x − shift`` and sum of squared deviations ``M2``, both float64."""
     outer, channels, inner = x3.shape
-    if inner >= PLANAR_RUN:
-        return _planar_moments(x3, shift, *_planar_plan(outer, inner))
-    parts = _row_parts(x3)
-    if len(parts) == 1 and parts[0][1] == 1 and inner == 1:  # N×D, or channels-last with C ≥ 64
-        rows = parts[0][0]
-        return _rows_moments(rows, shift, *_rows_plan(*rows.shape))
-    counts, means, m2s = [], [], []
-    for rows, fold in parts:
-        mean, m2 = _rows_moments(rows, _per_column(shift, inner, fold), *_rows_plan(*rows.shape))
-        counts += [rows.shape[0]] * (fold * inner)
-        means.append(_by_channel(mean, channels, inner))
-        m2s.append(_by_channel(m2, channels, inner))
-    counts = np.repeat(np.array(counts, np.float64)[:, None], channels, axis=1)
-    return merge(counts, np.ascontiguousarray(np.concatenate(means)),
-                 np.ascontiguousarray(np.concatenate(m2s)))[1:]
+    if inner >= blocks[6]:
+        return _planar_moments(x3, shift, *_planar_plan(outer, inner, blocks[0]))
+    fold = _fold(x3, blocks)
+    if fold == 1 and inner == 1:  # N×D, or channels-last with C ≥ FOLD_WIDTH
+        return _rows_moments(_rows_of(x3, 1, False), shift, *_rows_plan(outer, channels, blocks))
+    # Each column of a part is one piece of its channel: merge the pieces in a fixed order.
+    parts = _parts(x3, fold)
+    pieces = (fold + parts - 1) * inner
+    counts = np.empty((pieces, channels))
+    means = np.empty((pieces, channels))
+    m2s = np.empty((pieces, channels))
+    j = 0
+    for part in range(parts):
+        rows = _rows_of(x3, fold, part == 1)
+        columns = fold if part == 0 else 1
+        mean, m2 = _rows_moments(rows, _per_column(shift, inner, columns),
+                                 *_rows_plan(rows.shape[0], rows.shape[1], blocks))
+        for k in range(columns):
+            for i in range(inner):
+                for c in range(channels):
+                    column = (k * channels + c) * inner + i
+                    counts[j, c] = rows.shape[0]
+                    means[j, c] = mean[column]
+                    m2s[j, c] = m2[column]
+                j += 1
+    return merge(counts, means, m2s)[1:]
 
 
-def _grad_sums(dy3, x3, mean):
-    """Per-channel ``Σdy`` and ``Σdy·(x − mean)`` in float64, in one pass over dy and x."""
-    outer, channels, inner = x3.shape
-    if inner >= PLANAR_RUN:
-        return _planar_grad_sums(dy3, x3, mean, *_planar_plan(outer, inner))
-    sums = np.zeros((2, channels))
-    for (dy, fold), (x, _) in zip(_row_parts(dy3), _row_parts(x3)):
-        segment_rows, _, block = _rows_plan(*x.shape)
-        parts = _rows_grad_sums(dy, x, _per_column(mean, inner, fold), segment_rows, block)
-        sums += np.reshape(parts, (2, fold, channels, inner)).sum(axis=(1, 3))
-    return sums
+@_step
+def _moments(x3, blocks):
+    """``moments``: per-channel ``(shift, delta, M2)``."""
+    channels = x3.shape[1]
+    if x3.size == 0:
+        return np.zeros(channels), np.zeros(channels), np.zeros(channels)
+    shift = np.empty(channels)
+    for c in range(channels):
+        shift[c] = x3[0, c, 0]
+    delta, m2 = _moments_about(x3, shift, blocks)
+    return shift, delta, m2
 
 
-def _affine(x3, y3, shift, scale, bias):
-    """``y = scale·(x − shift) + bias`` per channel, written into ``y3``."""
+@_step
+def _affine(x3, y3, shift, scale, bias, blocks):
+    """``y = scale·(x − shift) + bias`` per channel (float64 vectors), written into ``y3``."""
     if x3.size == 0:
         return
     inner = x3.shape[2]
-    if inner >= PLANAR_RUN:
-        _planar_affine(x3, y3, shift, scale, bias, CHUNK)
+    if inner >= blocks[6]:
+        _planar_affine(x3, y3, shift, scale, bias, blocks[0])
         return
-    for (x, fold), (y, _) in zip(_row_parts(x3), _row_parts(y3)):
-        _rows_affine(x, y, *(_per_column(a, inner, fold) for a in (shift, scale, bias)), CHUNK)
+    fold = _fold(x3, blocks)
+    for part in range(_parts(x3, fold)):
+        columns = fold if part == 0 else 1
+        _rows_affine(_rows_of(x3, fold, part == 1), _rows_of(y3, fold, part == 1),
+                     _per_column(shift, inner, columns), _per_column(scale, inner, columns),
+                     _per_column(bias, inner, columns), blocks[0])
 
 
-def _grad_map(dy3, x3, dx3, mean, p, q, r):
+@_step
+def _forward_map(x3, y3, shift, delta, m2, gamma, beta, eps, blocks):
+    """``forward_map``."""
+    count = x3.shape[0] * x3.shape[2]
+    invstd, scale, bias = _forward_coefficients_jit(m2, count, gamma, beta, delta, eps)
+    _affine(x3, y3, shift, scale, bias, blocks)
+    return shift + delta, m2 / count, invstd
+
+
+@_step
+def _normalize_with(x3, y3, mean, var, gamma, beta, eps, blocks):
+    """``normalize_with``, with float64 ``mean`` and ``var``."""
+    invstd = 1.0 / np.sqrt(var + eps)
+    _affine(x3, y3, mean, gamma * invstd, beta.astype(np.float64), blocks)
+    return invstd
+
+
+@_step
+def _gradient_sums(dy3, x3, mean, blocks):
+    """``gradient_sums``."""
+    outer, channels, inner = x3.shape
+    if x3.size == 0:
+        return np.zeros(channels), np.zeros(channels)
+    if inner >= blocks[6]:
+        sums = _planar_grad_sums(dy3, x3, mean, *_planar_plan(outer, inner, blocks[0]))
+        return sums[0], sums[1]
+    sums = np.zeros((2, channels))
+    fold = _fold(x3, blocks)
+    for part in range(_parts(x3, fold)):
+        columns = fold if part == 0 else 1
+        x = _rows_of(x3, fold, part == 1)
+        segment_rows, _, block = _rows_plan(x.shape[0], x.shape[1], blocks)
+        per_column = _rows_grad_sums(_rows_of(dy3, fold, part == 1), x,
+                                     _per_column(mean, inner, columns), segment_rows, block)
+        for k in range(columns):
+            for c in range(channels):
+                for i in range(inner):
+                    column = (k * channels + c) * inner + i
+                    sums[0, c] += per_column[0, column]
+                    sums[1, c] += per_column[1, column]
+    return sums[0], sums[1]
+
+
+@_step
+def _grad_map(dy3, x3, dx3, mean, p, q, r, blocks):
     """``dx = p·dy + q·(x − mean) + r`` per channel, written into ``dx3``."""
     inner = x3.shape[2]
-    if inner >= PLANAR_RUN:
-        _planar_grad_map(dy3, x3, dx3, mean, p, q, r, CHUNK)
+    if inner >= blocks[6]:
+        _planar_grad_map(dy3, x3, dx3, mean, p, q, r, blocks[0])
         return
-    for (dy, fold), (x, _), (dx, _) in zip(_row_parts(dy3), _row_parts(x3), _row_parts(dx3)):
-        _rows_grad_map(dy, x, dx, *(_per_column(a, inner, fold) for a in (mean, p, q, r)), CHUNK)
+    fold = _fold(x3, blocks)
+    for part in range(_parts(x3, fold)):
+        columns = fold if part == 0 else 1
+        leftover = part == 1
+        _rows_grad_map(_rows_of(dy3, fold, leftover), _rows_of(x3, fold, leftover),
+                       _rows_of(dx3, fold, leftover), _per_column(mean, inner, columns),
+                       _per_column(p, inner, columns), _per_column(q, inner, columns),
+                       _per_column(r, inner, columns), blocks[0])
+
+
+@_step
+def _backward_map(dy3, x3, dx3, mean, invstd, gamma, sum_dy, sum_dy_xmu, count, training,
+                  blocks):
+    """``backward_map``."""
+    if x3.size == 0:
+        return
+    p, q, r = _backward_coefficients_jit(sum_dy, sum_dy_xmu, count, gamma, invstd)
+    if training:
+        _grad_map(dy3, x3, dx3, mean, p, q, r, blocks)
+    else:
+        zeros = np.zeros(x3.shape[1])
+        _affine(dy3, dx3, zeros, p, zeros, blocks)
+
+
+@njit(**_jit)
+def _update_running(running_mean, running_var, mean, var, momentum, unbias):
+    """``update_running``, in float64, rounded once to the running arrays' dtype."""
+    for c in range(mean.size):
+        running_mean[c] = (1.0 - momentum) * running_mean[c] + momentum * mean[c]
+        running_var[c] = (1.0 - momentum) * running_var[c] + momentum * var[c] * unbias
+
+
+# -- whole ops in one compiled call: the lean path of fastbn.forward and fastbn.backward --------
+
+
+@_step
+def _train_forward(x3, y3, gamma, beta, eps, running_mean, running_var, momentum, blocks):
+    shift, delta, m2 = _moments(x3, blocks)
+    mean, var, invstd = _forward_map(x3, y3, shift, delta, m2, gamma, beta, eps, blocks)
+    if running_mean is not None:
+        count = x3.shape[0] * x3.shape[2]
+        _update_running(running_mean, running_var, mean, var, momentum, count / (count - 1))
+    return mean, invstd
+
+
+@_step
+def _eval_forward(x3, y3, gamma, beta, eps, running_mean, running_var, blocks):
+    mean = running_mean.astype(np.float64)  # a copy: stats must not alias running_mean
+    invstd = _normalize_with(x3, y3, mean, running_var.astype(np.float64), gamma, beta, eps,
+                             blocks)
+    return mean, invstd
+
+
+@_step
+def _backward(dy3, x3, dx3, mean, invstd, gamma, training, grad_like, blocks):
+    sum_dy, sum_dy_xmu = _gradient_sums(dy3, x3, mean, blocks)
+    _backward_map(dy3, x3, dx3, mean, invstd, gamma, sum_dy, sum_dy_xmu,
+                  x3.shape[0] * x3.shape[2], training, blocks)
+    return (sum_dy_xmu * invstd).astype(grad_like.dtype), sum_dy.astype(grad_like.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(value, channels):
+    """A float64 (C,) array of ``value``, made once per size: never written, never handed out."""
+    return np.full(channels, value)
+
+
+def batch_norm(x3, y3, gamma, beta, eps, training, running_mean, running_var, momentum):
+    """A whole forward in one compiled call, for C-contiguous arrays that need no conversion.
+
+    ``gamma``, ``beta``: float32/float64 (C,) arrays or None; the running statistics float32/
+    float64 (C,) arrays, or None in training. Returns the float64 ``(mean, invstd)``.
+    """
+    channels = x3.shape[1]
+    gamma = _constant(1.0, channels) if gamma is None else gamma
+    beta = _constant(0.0, channels) if beta is None else beta
+    if training:
+        return _train_forward(x3, y3, gamma, beta, eps, running_mean, running_var, momentum,
+                              _blocks())
+    return _eval_forward(x3, y3, gamma, beta, eps, running_mean, running_var, _blocks())
+
+
+def batch_norm_backward(dy3, x3, dx3, mean, invstd, gamma, training):
+    """A whole backward in one compiled call (arrays as ``batch_norm``'s): ``(dgamma, dbeta)``,
+    in gamma's dtype (x's if gamma is None)."""
+    grad_like = x3 if gamma is None else gamma
+    gamma = _constant(1.0, x3.shape[1]) if gamma is None else gamma
+    return _backward(dy3, x3, dx3, mean, invstd, gamma, training, grad_like, _blocks())
 
 
 # -- the device interface: the same names, arguments and results in fastbn/cuda.py -------------
@@ -635,22 +818,15 @@ def to_host(a):
     return a
 
 
-@_serial_when_small
 def moments(x3):
     """Statistics: per-channel float64 ``(shift, delta, M2)`` of ``x3``.
 
     ``shift`` is one value of each channel (its first), ``delta`` the mean minus it, ``M2`` the
     sum of squared deviations from the mean: a large common offset never enters a sum.
     """
-    channels = x3.shape[1]
-    if x3.size == 0:
-        return np.zeros(channels), np.zeros(channels), np.zeros(channels)
-    shift = x3[0, :, 0].astype(np.float64)
-    delta, m2 = _moments(x3, shift)
-    return shift, delta, m2
+    return _moments(x3, _blocks())
 
 
-@_serial_when_small
 def forward_map(x3, y3, shift, delta, m2, gamma, beta, eps):
     """Training forward's map, ``y = γ·(x − μ)/sqrt(σ² + eps) + β``, from ``moments(x3)``.
 
@@ -658,30 +834,20 @@ def forward_map(x3, y3, shift, delta, m2, gamma, beta, eps):
     ``a·(x − s) + (β − a·δ)``, where the folded ``a·x + (β − a·μ)`` would lose digits when
     |μ| ≫ σ. Returns the float64 ``(mean, biased var, invstd)``.
     """
-    count = x3.shape[0] * x3.shape[2]
-    invstd, scale, bias = _forward_coefficients(m2, count, gamma, beta, delta, eps)
-    _affine(x3, y3, shift, scale, bias)
-    return shift + delta, m2 / count, invstd
+    return _forward_map(x3, y3, shift, delta, m2, gamma, beta, eps, _blocks())
 
 
-@_serial_when_small
 def normalize_with(x3, y3, mean, var, gamma, beta, eps):
     """The map with given statistics (eval, ``fastbn.normalize``): ``y = γ·(x − mean)·invstd + β``
     with ``invstd = 1/sqrt(var + eps)``, which it returns."""
-    invstd = 1.0 / np.sqrt(var + eps)
-    _affine(x3, y3, mean, gamma * invstd, beta)
-    return invstd
+    return _normalize_with(x3, y3, mean, var, gamma, beta, eps, _blocks())
 
 
-@_serial_when_small
 def gradient_sums(dy3, x3, mean):
     """Per-channel float64 ``(Σdy, Σdy·(x − mean))``, in one pass over dy and x."""
-    if x3.size == 0:
-        return np.zeros(x3.shape[1]), np.zeros(x3.shape[1])
-    return tuple(_grad_sums(dy3, x3, mean))
+    return _gradient_sums(dy3, x3, mean, _blocks())
 
 
-@_serial_when_small
 def backward_map(dy3, x3, dx3, mean, invstd, gamma, sum_dy, sum_dy_xmu, count, training):
     """``dx`` of batch norm into ``dx3``, from the sums over the batch of ``count`` values per
     channel that the statistics came from (x's own, or a larger batch that x is part of).
@@ -689,14 +855,8 @@ def backward_map(dy3, x3, dx3, mean, invstd, gamma, sum_dy, sum_dy_xmu, count, t
     ``training`` says whether the statistics were the batch's, so that the gradient flows through
     them: ``dx = p·dy + q·(x − μ) + r``; otherwise ``dx = p·dy``, with ``p = γ·invstd``.
     """
-    if x3.size == 0:
-        return
-    p, q, r = _backward_coefficients(sum_dy, sum_dy_xmu, count, gamma, invstd)
-    if training:
-        _grad_map(dy3, x3, dx3, mean, p, q, r)
-    else:
-        zeros = np.zeros(x3.shape[1])
-        _affine(dy3, dx3, zeros, p, zeros)
+    _backward_map(dy3, x3, dx3, mean, invstd, gamma, sum_dy, sum_dy_xmu, count, training,
+                  _blocks())
 
 
 def parameter_gradients(sum_dy, sum_dy_xmu, invstd, dtype):
@@ -705,7 +865,6 @@ def parameter_gradients(sum_dy, sum_dy_xmu, invstd, dtype):
 
 
 def update_running(running_mean, running_var, mean, var, momentum, unbias):
-    """PyTorch's update, in place, in the running arrays' dtype:
-    ``running = (1 − momentum)·running + momentum·batch``, with the unbiased ``var·unbias``."""
-    running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
-    running_var[...] = (1.0 - momentum) * running_var + momentum * var * unbias
+    """PyTorch's update, in place: ``running = (1 − momentum)·running + momentum·batch``, with
+    the unbiased ``var·unbias``; in float64, rounded once to the running arrays' dtype."""
+    _update_running(running_mean, running_var, mean, var, momentum, unbias)
