@@ -1,11 +1,14 @@
 """``forward`` and ``backward``: check every argument, choose the device once, run its steps.
 
 The device module (``fastbn.cpu`` or ``fastbn.cuda``, docs/design.md §2) does the work on the
-``(outer, C, inner)`` view; nothing here branches on the device.
+``(outer, C, inner)`` view; nothing here branches on the device. The one shortcut: the common CPU
+call (C-contiguous NumPy arrays that need no conversion) is recognized by ``lean_forward`` /
+``lean_backward`` and runs as one compiled call (docs/design.md §4.3).
 """
 from typing import NamedTuple
 
-from ._checks import check_backward, check_forward
+from . import cpu
+from ._checks import check_backward, check_forward, lean_backward, lean_forward
 
 
 class BatchStats(NamedTuple):
@@ -57,6 +60,12 @@ def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=Non
     stats : BatchStats
         The float64 ``(mean, invstd)`` used, for ``backward``.
     """
+    lean = lean_forward(x, gamma, beta, axis, training, running_mean, running_var, momentum, eps,
+                        out, device)
+    if lean is not None:
+        x3, y, y3 = lean
+        return y, BatchStats(*cpu.batch_norm(x3, y3, gamma, beta, eps, training, running_mean,
+                                             running_var, momentum))
     return run_forward(check_forward(x, gamma, beta, axis, training, running_mean, running_var,
                                      momentum, eps, out, device))
 
@@ -142,6 +151,10 @@ def backward(dy, x, stats, gamma=None, *, axis=1, training=True, out=None, devic
     dgamma, dbeta : ndarray, shape (C,)
         ``Σ dy·x̂`` and ``Σ dy``, in gamma's dtype (x's if gamma is None or not floating).
     """
+    lean = lean_backward(dy, x, stats, gamma, axis, training, out, device)
+    if lean is not None:
+        dy3, x3, dx, dx3, mean, invstd = lean
+        return (dx, *cpu.batch_norm_backward(dy3, x3, dx3, mean, invstd, gamma, training))
     return run_backward(check_backward(dy, x, stats, gamma, axis, training, out, device))
 
 

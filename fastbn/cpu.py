@@ -411,6 +411,7 @@ def _rows_moments(x, shift, segment_rows, tile_rows, column_block):
             m2[k] = 0.0
         sd = np.empty(width)
         sdd = np.empty(width)
+        centre = np.empty(width)  # the tile's first row, in float64
         n = 0.0
         for t0 in range(r0, r1, tile_rows):
             t1 = min(t0 + tile_rows, r1)
@@ -422,12 +423,13 @@ def _rows_moments(x, shift, segment_rows, tile_rows, column_block):
             # mean). For float32 x, d and d² are exact in float64.
             first = x[t0, c0:c1]
             for k in range(width):  # not sd[:] = 0: that is one more parallel loop to compile
+                centre[k] = first[k]
                 sd[k] = 0.0
                 sdd[k] = 0.0
             for r in range(t0 + 1, t1):
                 xr = x[r, c0:c1]
                 for k in range(width):
-                    d = np.float64(xr[k]) - np.float64(first[k])
+                    d = xr[k] - centre[k]
                     sd[k] += d
                     sdd[k] += d * d
             for k in range(width):  # merged into the segment's moments (the first tile: copied)
@@ -435,7 +437,7 @@ def _rows_moments(x, shift, segment_rows, tile_rows, column_block):
                 if tile_m2 < 0.0:  # rounding only; NaN passes
                     tile_m2 = 0.0
                 _, mean[k], m2[k] = _chan(n, mean[k], m2[k], nt,
-                                          (first[k] - s[k]) + sd[k] / nt, tile_m2)
+                                          (centre[k] - s[k]) + sd[k] / nt, tile_m2)
             n += nt
         for k in range(width):
             counts[g, c0 + k] = n
