@@ -64,7 +64,7 @@ COLUMN_BLOCK = 512  # rows: columns per work item, so that wide rows still give 
 #                     a block's float64 accumulators stay in L1
 MIN_WORK_ITEMS = 16  # work items a tensor is cut into at the least, so that every core has work
 FOLD_WIDTH = 64  # rows: rows narrower than this are read several at a time (_rows_of)
-PARALLEL_MIN = 1 << 16  # smaller tensors run on the calling thread: waking others costs more
+PARALLEL_MIN = 1 << 15  # smaller tensors run on the calling thread: waking others costs more
 PLANAR_RUN = 32  # planar kernels need runs this long to pay; shorter ones are read as rows
 
 # Only the innermost sums of the planar reduction need reassociation (to vectorize). It lives in
@@ -247,46 +247,81 @@ _backward_coefficients_jit = njit(**_helper)(_backward_coefficients)
 # -- planar -----------------------------------------------------------------------------------
 
 
+# The helpers below loop over a whole chunk (rows [r0, r1) of channel c, columns [i0, i1)), not a
+# single run: a call costs more than a short run's work (7×7 planes), as Numba does not inline
+# one compiled function into another.
+
+
 @njit(fastmath=_SUM_MATH, **_helper)
-def _sum_minus(run, centre):
+def _sum_minus(x, c, r0, r1, i0, i1, centre):
     s = 0.0
-    for i in range(run.size):  # an index loop: Numba's array iterator does not vectorize
-        s += run[i] - centre
+    for r in range(r0, r1):
+        run = x[r, c, i0:i1]
+        # An index loop from 0 (Numba's array iterator does not vectorize, and an index it cannot
+        # prove non-negative gets a wraparound check that stops vectorization).
+        for i in range(run.size):
+            s += run[i] - centre
     return s
 
 
 @njit(fastmath=_SUM_MATH, **_helper)
-def _sums_of_deviations(run, centre):
+def _sums_of_deviations(x, c, r0, r1, i0, i1, centre):
     s = 0.0
     ss = 0.0
-    for i in range(run.size):
-        d = run[i] - centre
-        s += d
-        ss += d * d
+    for r in range(r0, r1):
+        run = x[r, c, i0:i1]
+        for i in range(run.size):
+            d = run[i] - centre
+            s += d
+            ss += d * d
     return s, ss
 
 
 @njit(fastmath=_SUM_MATH, **_helper)
-def _sums_for_gradient(dy_run, x_run, mean):
+def _sums_for_gradient(dy, x, c, r0, r1, i0, i1, mean):
     s = 0.0
     sx = 0.0
-    for i in range(dy_run.size):
-        g = np.float64(dy_run[i])
-        s += g
-        sx += g * (x_run[i] - mean)
+    for r in range(r0, r1):
+        dy_run, x_run = dy[r, c, i0:i1], x[r, c, i0:i1]
+        for i in range(x_run.size):
+            g = np.float64(dy_run[i])
+            s += g
+            sx += g * (x_run[i] - mean)
     return s, sx
 
 
 @njit(fastmath=_MAP_MATH, **_helper)
-def _map_run(x_run, y_run, s, a, b):
-    for i in range(x_run.size):
-        y_run[i] = a * (x_run[i] - s) + b
+def _map_runs(x, y, run, count, i0, i1, shift, scale, bias):
+    """``count`` runs from run ``run`` (in memory order, ``(o, c)`` then ``(o, c + 1)``)."""
+    channels = x.shape[1]
+    o = run // channels
+    c = run - o * channels
+    for _ in range(count):
+        s, a, b = shift[c], scale[c], bias[c]
+        x_run, y_run = x[o, c, i0:i1], y[o, c, i0:i1]
+        for i in range(x_run.size):
+            y_run[i] = a * (x_run[i] - s) + b
+        c += 1
+        if c == channels:
+            c = 0
+            o += 1
 
 
 @njit(fastmath=_MAP_MATH, **_helper)
-def _grad_map_run(dy_run, x_run, dx_run, mean, p, q, r):
-    for i in range(x_run.size):
-        dx_run[i] = p * dy_run[i] + q * (x_run[i] - mean) + r
+def _grad_map_runs(dy, x, dx, run, count, i0, i1, mean, p, q, r):
+    """``_map_runs`` of backward's map."""
+    channels = x.shape[1]
+    o = run // channels
+    c = run - o * channels
+    for _ in range(count):
+        m, pc, qc, rc = mean[c], p[c], q[c], r[c]
+        dy_run, x_run, dx_run = dy[o, c, i0:i1], x[o, c, i0:i1], dx[o, c, i0:i1]
+        for i in range(x_run.size):
+            dx_run[i] = pc * dy_run[i] + qc * (x_run[i] - m) + rc
+        c += 1
+        if c == channels:
+            c = 0
+            o += 1
 
 
 @njit(**_helper)
@@ -302,18 +337,11 @@ def _planar_chunk(j, outer, inner, rows, pieces):
 def _chunk_moments(x, c, shift, r0, r1, i0, i1):
     """``(n, mean − shift, M2)`` of channel ``c``'s chunk, exactly: two passes while in cache."""
     n = (r1 - r0) * (i1 - i0)
-    s = 0.0
-    for r in range(r0, r1):
-        s += _sum_minus(x[r, c, i0:i1], shift)
+    s = _sum_minus(x, c, r0, r1, i0, i1, shift)
     # Second pass about the chunk's own mean, corrected (Chan, Golub & LeVeque): exact even when
     # the first pass's mean is off, and a constant chunk gives M2 = 0 exactly.
     centre = shift + s / n
-    sd = 0.0
-    sdd = 0.0
-    for r in range(r0, r1):
-        a, b = _sums_of_deviations(x[r, c, i0:i1], centre)
-        sd += a
-        sdd += b
+    sd, sdd = _sums_of_deviations(x, c, r0, r1, i0, i1, centre)
     m2 = sdd - sd * sd / n
     return np.float64(n), (centre - shift) + sd / n, 0.0 if m2 < 0.0 else m2  # NaN passes
 
@@ -333,17 +361,6 @@ def _planar_moments(x, shift, rows, pieces):
     return merge(counts, means, m2s)[1:]
 
 
-@njit(**_helper)
-def _chunk_grad_sums(dy, x, c, mean, r0, r1, i0, i1):
-    s = 0.0
-    sx = 0.0
-    for r in range(r0, r1):
-        a, b = _sums_for_gradient(dy[r, c, i0:i1], x[r, c, i0:i1], mean)
-        s += a
-        sx += b
-    return s, sx
-
-
 @_kernel
 def _planar_grad_sums(dy, x, mean, rows, pieces):
     outer, channels, inner = x.shape
@@ -352,37 +369,47 @@ def _planar_grad_sums(dy, x, mean, rows, pieces):
     for w in prange(channels * chunks):
         c = w // chunks
         j = w % chunks
-        sums[0, j, c], sums[1, j, c] = _chunk_grad_sums(
-            dy, x, c, mean[c], *_planar_chunk(j, outer, inner, rows, pieces))
+        r0, r1, i0, i1 = _planar_chunk(j, outer, inner, rows, pieces)
+        sums[0, j, c], sums[1, j, c] = _sums_for_gradient(dy, x, c, r0, r1, i0, i1, mean[c])
     return _add_partials(sums)
 
 
 @njit(**_helper)
-def _piece(w, length, piece):
-    """Row ``w // pieces`` and its columns ``[i0, i1)``, for rows of ``length`` cut in ``piece``s."""
+def _map_items(rows, length, piece):
+    """Work items of a map over ``rows`` rows of ``length`` values: ``rows`` cut in groups of
+    ``piece // length`` rows (short rows), or each row cut in pieces of ``piece`` values (long
+    ones), so that an item writes about ``piece`` values. Returns (items, rows per group, pieces
+    per row)."""
+    per_group = max(1, piece // length)
     pieces = (length + piece - 1) // piece
-    i0 = (w % pieces) * piece
-    return w // pieces, i0, min(i0 + piece, length)
+    return (rows + per_group - 1) // per_group * pieces, per_group, pieces
+
+
+@njit(**_helper)
+def _map_item(w, rows, length, piece, per_group, pieces):
+    """Item ``w`` of ``_map_items``: its first row, how many rows, and its columns [i0, i1)."""
+    group = w // pieces
+    i0 = (w - group * pieces) * piece
+    first = group * per_group
+    return first, min(per_group, rows - first), i0, min(i0 + piece, length)
 
 
 @_kernel
 def _planar_affine(x, y, shift, scale, bias, piece):
     outer, channels, inner = x.shape
-    for w in prange(outer * channels * ((inner + piece - 1) // piece)):
-        run, i0, i1 = _piece(w, inner, piece)
-        o = run // channels
-        c = run % channels
-        _map_run(x[o, c, i0:i1], y[o, c, i0:i1], shift[c], scale[c], bias[c])
+    items, per_group, pieces = _map_items(outer * channels, inner, piece)
+    for w in prange(items):
+        run, count, i0, i1 = _map_item(w, outer * channels, inner, piece, per_group, pieces)
+        _map_runs(x, y, run, count, i0, i1, shift, scale, bias)
 
 
 @_kernel
 def _planar_grad_map(dy, x, dx, mean, p, q, r, piece):
     outer, channels, inner = x.shape
-    for w in prange(outer * channels * ((inner + piece - 1) // piece)):
-        run, i0, i1 = _piece(w, inner, piece)
-        o = run // channels
-        c = run % channels
-        _grad_map_run(dy[o, c, i0:i1], x[o, c, i0:i1], dx[o, c, i0:i1], mean[c], p[c], q[c], r[c])
+    items, per_group, pieces = _map_items(outer * channels, inner, piece)
+    for w in prange(items):
+        run, count, i0, i1 = _map_item(w, outer * channels, inner, piece, per_group, pieces)
+        _grad_map_runs(dy, x, dx, run, count, i0, i1, mean, p, q, r)
 
 
 # -- rows: channels-last, N×D, and planar runs too short to vectorize --------------------------
@@ -473,23 +500,27 @@ def _rows_grad_sums(dy, x, mean, segment_rows, column_block):
 @_kernel(fastmath=_MAP_MATH)
 def _rows_affine(x, y, shift, scale, bias, piece):
     rows, width = x.shape
-    for w in prange(rows * ((width + piece - 1) // piece)):
-        r, c0, c1 = _piece(w, width, piece)
-        xr, yr = x[r, c0:c1], y[r, c0:c1]
+    items, per_group, pieces = _map_items(rows, width, piece)
+    for w in prange(items):
+        first, count, c0, c1 = _map_item(w, rows, width, piece, per_group, pieces)
         s, a, b = shift[c0:c1], scale[c0:c1], bias[c0:c1]
-        for c in range(c1 - c0):
-            yr[c] = a[c] * (xr[c] - s[c]) + b[c]
+        for r in range(first, first + count):
+            xr, yr = x[r, c0:c1], y[r, c0:c1]
+            for c in range(c1 - c0):
+                yr[c] = a[c] * (xr[c] - s[c]) + b[c]
 
 
 @_kernel(fastmath=_MAP_MATH)
 def _rows_grad_map(dy, x, dx, mean, p, q, r, piece):
     rows, width = x.shape
-    for w in prange(rows * ((width + piece - 1) // piece)):
-        o, c0, c1 = _piece(w, width, piece)
-        gr, xr, dxr = dy[o, c0:c1], x[o, c0:c1], dx[o, c0:c1]
+    items, per_group, pieces = _map_items(rows, width, piece)
+    for w in prange(items):
+        first, count, c0, c1 = _map_item(w, rows, width, piece, per_group, pieces)
         m, pc, qc, rc = mean[c0:c1], p[c0:c1], q[c0:c1], r[c0:c1]
-        for c in range(c1 - c0):
-            dxr[c] = pc[c] * gr[c] + qc[c] * (xr[c] - m[c]) + rc[c]
+        for o in range(first, first + count):
+            gr, xr, dxr = dy[o, c0:c1], x[o, c0:c1], dx[o, c0:c1]
+            for c in range(c1 - c0):
+                dxr[c] = pc[c] * gr[c] + qc[c] * (xr[c] - m[c]) + rc[c]
 
 
 # -- cutting the view into work -----------------------------------------------------------------
