@@ -17,19 +17,25 @@ NONE = "–"
 
 
 def load(path):
-    """``(results, times, nbytes)``: the JSON, and per group ``(op, layout, shape)`` the fastest
-    time of each implementation in seconds and the bytes the op moves, in table order."""
+    """``(results, times, nbytes, latency)``: the JSON; per bandwidth group ``(op, layout,
+    shape)`` the fastest time of each implementation in seconds and the bytes the op moves, in
+    table order; per latency group ``(layout, shape, op)`` each implementation's median time in
+    seconds, in the order of the run."""
     with open(path) as f:
         results = json.load(f)
-    times, nbytes = {}, {}
+    times, nbytes, latency = {}, {}, {}
     for bench in results["benchmarks"]:
         info = bench["extra_info"]
+        if info.get("kind") == "latency":
+            key = info["layout"], info["shape"], info["op"]
+            latency.setdefault(key, {})[info["impl"]] = bench["stats"]["median"]
+            continue
         key = info["op"], info["layout"], info["shape"]
         times.setdefault(key, {})[info["impl"]] = bench["stats"]["min"]
         nbytes[key] = info["bytes"]
     # By op, then in the order of the run (layouts and shapes as fastbn.cases lists them).
     order = sorted(times, key=lambda key: OPS.index(key[0]) if key[0] in OPS else len(OPS))
-    return results, {key: times[key] for key in order}, nbytes
+    return results, {key: times[key] for key in order}, nbytes, latency
 
 
 def _number(value):
@@ -97,6 +103,30 @@ def markdown(results, times, nbytes):
     return "\n".join(lines) + "\n"
 
 
+def _us(seconds):
+    return _number(seconds * 1e6) if seconds is not None else NONE
+
+
+def latency_markdown(latency):
+    """The latency table: median µs per call on the trainer shapes."""
+    lines = [
+        "Latency on the small tensors NumPy trainers use: the median time of a call, in µs "
+        "(fastbn without `out=`, as a training loop calls it; layer step: a layer's forward and "
+        "backward in training mode). NumPy ÷ fastbn, PyTorch ÷ fastbn: how many times faster "
+        "fastbn is.",
+        "",
+        "| layout | shape | op | fastbn µs | NumPy µs | PyTorch µs | NumPy ÷ fastbn "
+        "| PyTorch ÷ fastbn |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for key, impls in latency.items():
+        ours = impls.get("fastbn")
+        cells = [*key, _us(ours), _us(impls.get("numpy")), _us(impls.get("torch")),
+                 _ratio(impls.get("numpy"), ours), _ratio(impls.get("torch"), ours)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def chart(results, times, path):
     """Each implementation's time as a multiple of memcpy's, a bar per group, into ``path``."""
     try:
@@ -142,11 +172,13 @@ def main(argv=None):
     parser.add_argument("--png", metavar="OUT.png", help="draw the chart here (needs matplotlib)")
     args = parser.parse_args(argv)
 
-    results, times, nbytes = load(args.results)
-    if not times:
+    results, times, nbytes, latency = load(args.results)
+    if not (times or latency):
         parser.error(f"{args.results} holds no benchmarks (was it run with --benchmark-disable?)")
-    text = markdown(results, times, nbytes)
-    if args.png:
+    text = markdown(results, times, nbytes) if times else "\n".join(describe(results)) + "\n"
+    if latency:
+        text += "\n" + latency_markdown(latency)
+    if args.png and times:
         chart(results, times, args.png)
         if args.markdown:
             image = os.path.relpath(args.png, os.path.dirname(os.path.abspath(args.markdown)))

@@ -2,7 +2,8 @@
 
 Each layout names a shape convention and its channel axis, with a small shape for tests (big
 enough that the multi-chunk paths run once the tests shrink the block sizes), a larger one for a
-quick timing on any machine, and the shapes the benchmark suite (``bench/``) times. Each op
+quick timing on any machine, the shapes the benchmark suite (``bench/``) times for bandwidth, and
+the small shapes of NumPy trainers that it times for latency (per-call overhead). Each op
 (``OPS``) names the bytes it moves and its fastbn, NumPy and PyTorch calls on a :class:`Case`,
 the arrays of one shape on the CPU or the GPU.
 """
@@ -22,16 +23,19 @@ class Layout(NamedTuple):
     large: tuple  # for `python -m fastbn`: a few million elements, quick on any machine
     bench: tuple = ()  # for `pytest bench`: the shapes whose speed goals the README reports
     gpu_bench: tuple = ()  # and, with `--bench-device cuda`, these as well
+    latency: tuple = ()  # for `pytest bench`'s latency group: the tensors NumPy trainers use
 
 
 LAYOUTS = (
-    Layout("NxD", 1, (37, 11), (16384, 512), bench=((8192, 4096), (256, 1024))),
+    Layout("NxD", 1, (37, 11), (16384, 512), bench=((8192, 4096), (256, 1024)),
+           latency=((64, 100), (128, 512), (256, 1024))),
     Layout("NCL", 1, (5, 3, 29), (64, 128, 1024)),
     Layout("NCHW", 1, (4, 3, 7, 9), (32, 64, 56, 56),
            bench=((64, 64, 112, 112), (32, 256, 28, 28), (64, 3, 224, 224)),
-           gpu_bench=((256, 64, 112, 112),)),
+           gpu_bench=((256, 64, 112, 112),), latency=((32, 16, 8, 8), (32, 32, 16, 16))),
     Layout("NCDHW", 1, (3, 2, 4, 5, 6), (8, 32, 16, 28, 28)),
-    Layout("NHWC", -1, (4, 6, 7, 5), (32, 56, 56, 64), bench=((64, 112, 112, 64),)),
+    Layout("NHWC", -1, (4, 6, 7, 5), (32, 56, 56, 64), bench=((64, 112, 112, 64),),
+           latency=((16, 8, 8, 32),)),
 )
 
 
