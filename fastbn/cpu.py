@@ -153,17 +153,22 @@ class _Twin:
     def serial(self):
         return self._build(serial=True)
 
-    def __call__(self, *args):
-        """Run a step from Python: serially when its first array has fewer than PARALLEL_MIN
-        values (waking the pool costs more than such a tensor's work) or in a forked child,
-        else on the pool."""
+    def build(self, size):
+        """The build to run from Python for a tensor of ``size`` values: serial for fewer than
+        PARALLEL_MIN (waking the pool costs more than such a tensor's work) or in a forked child,
+        else parallel (one call at a time under LOCKED)."""
         policy = _policy or execution_policy()
-        if args[0].size < PARALLEL_MIN or policy is SERIAL:
-            return self.serial(*args)
-        if policy is LOCKED:
-            with _pool_lock:
-                return self.parallel(*args)
-        return self.parallel(*args)
+        if size < PARALLEL_MIN or policy is SERIAL:
+            return self.serial
+        return self._locked if policy is LOCKED else self.parallel
+
+    def _locked(self, *args):
+        with _pool_lock:
+            return self.parallel(*args)
+
+    def __call__(self, *args):
+        """Run a step from Python, its first argument's size choosing the build."""
+        return self.build(args[0].size)(*args)
 
 
 def _kernel(py_func=None, **options):
@@ -662,7 +667,13 @@ def _affine(x3, y3, shift, scale, bias, blocks):
 def _forward_map(x3, y3, shift, delta, m2, gamma, beta, eps, blocks):
     """``forward_map``."""
     count = x3.shape[0] * x3.shape[2]
-    invstd, scale, bias = _forward_coefficients_jit(m2, count, gamma, beta, delta, eps)
+    channels = x3.shape[1]
+    invstd = np.empty(channels)
+    scale = np.empty(channels)
+    bias = np.empty(channels)
+    for c in range(channels):
+        invstd[c], scale[c], bias[c] = _forward_coefficients_jit(m2[c], count, gamma[c], beta[c],
+                                                                 delta[c], eps)
     _affine(x3, y3, shift, scale, bias, blocks)
     return shift + delta, m2 / count, invstd
 
@@ -741,32 +752,40 @@ def _update_running(running_mean, running_var, mean, var, momentum, unbias):
 
 
 # -- whole ops in one compiled call: the lean path of fastbn.forward and fastbn.backward --------
+#
+# Results go into arrays the caller made (stats, grads): a compiled function's returned arrays
+# cost more to hand to Python than a small tensor's whole work.
 
 
 @_step
-def _train_forward(x3, y3, gamma, beta, eps, running_mean, running_var, momentum, blocks):
+def _train_forward(x3, y3, gamma, beta, eps, running_mean, running_var, momentum, stats,
+                   blocks):
     shift, delta, m2 = _moments(x3, blocks)
     mean, var, invstd = _forward_map(x3, y3, shift, delta, m2, gamma, beta, eps, blocks)
     if running_mean is not None:
         count = x3.shape[0] * x3.shape[2]
         _update_running(running_mean, running_var, mean, var, momentum, count / (count - 1))
-    return mean, invstd
+    stats[0, :] = mean
+    stats[1, :] = invstd
 
 
 @_step
-def _eval_forward(x3, y3, gamma, beta, eps, running_mean, running_var, blocks):
-    mean = running_mean.astype(np.float64)  # a copy: stats must not alias running_mean
-    invstd = _normalize_with(x3, y3, mean, running_var.astype(np.float64), gamma, beta, eps,
-                             blocks)
-    return mean, invstd
+def _eval_forward(x3, y3, gamma, beta, eps, running_mean, running_var, stats, blocks):
+    mean = stats[0]
+    mean[:] = running_mean  # a copy: stats must not alias running_mean
+    stats[1, :] = _normalize_with(x3, y3, mean, running_var.astype(np.float64), gamma, beta,
+                                  eps, blocks)
 
 
 @_step
-def _backward(dy3, x3, dx3, mean, invstd, gamma, training, grad_like, blocks):
+def _backward(dy3, x3, dx3, mean, invstd, gamma, training, grads, blocks):
     sum_dy, sum_dy_xmu = _gradient_sums(dy3, x3, mean, blocks)
     _backward_map(dy3, x3, dx3, mean, invstd, gamma, sum_dy, sum_dy_xmu,
                   x3.shape[0] * x3.shape[2], training, blocks)
-    return (sum_dy_xmu * invstd).astype(grad_like.dtype), sum_dy.astype(grad_like.dtype)
+    dgamma, dbeta = grads[0], grads[1]
+    for c in range(dgamma.size):
+        dgamma[c] = sum_dy_xmu[c] * invstd[c]
+        dbeta[c] = sum_dy[c]
 
 
 @functools.lru_cache(maxsize=64)
@@ -784,18 +803,24 @@ def batch_norm(x3, y3, gamma, beta, eps, training, running_mean, running_var, mo
     channels = x3.shape[1]
     gamma = _constant(1.0, channels) if gamma is None else gamma
     beta = _constant(0.0, channels) if beta is None else beta
+    stats = np.empty((2, channels))
     if training:
-        return _train_forward(x3, y3, gamma, beta, eps, running_mean, running_var, momentum,
-                              _blocks())
-    return _eval_forward(x3, y3, gamma, beta, eps, running_mean, running_var, _blocks())
+        _train_forward.build(x3.size)(x3, y3, gamma, beta, eps, running_mean, running_var,
+                                      momentum, stats, _blocks())
+    else:
+        _eval_forward.build(x3.size)(x3, y3, gamma, beta, eps, running_mean, running_var, stats,
+                                     _blocks())
+    return stats[0], stats[1]
 
 
 def batch_norm_backward(dy3, x3, dx3, mean, invstd, gamma, training):
     """A whole backward in one compiled call (arrays as ``batch_norm``'s): ``(dgamma, dbeta)``,
     in gamma's dtype (x's if gamma is None)."""
-    grad_like = x3 if gamma is None else gamma
-    gamma = _constant(1.0, x3.shape[1]) if gamma is None else gamma
-    return _backward(dy3, x3, dx3, mean, invstd, gamma, training, grad_like, _blocks())
+    channels = x3.shape[1]
+    grads = np.empty((2, channels), x3.dtype if gamma is None else gamma.dtype)
+    gamma = _constant(1.0, channels) if gamma is None else gamma
+    _backward.build(x3.size)(dy3, x3, dx3, mean, invstd, gamma, training, grads, _blocks())
+    return grads[0], grads[1]
 
 
 # -- the device interface: the same names, arguments and results in fastbn/cuda.py -------------
