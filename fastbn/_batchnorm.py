@@ -26,6 +26,9 @@ class BatchStats(NamedTuple):
     invstd: object
 
 
+_new_tuple = tuple.__new__  # BatchStats without NamedTuple's Python-level __new__
+
+
 def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=None,
             running_var=None, momentum=0.1, eps=1e-5, out=None, device=None):
     """Batch normalization of ``x`` over every axis but the channel ``axis``.
@@ -64,8 +67,9 @@ def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=Non
                         out, device)
     if lean is not None:
         x3, y, y3 = lean
-        return y, BatchStats(*cpu.batch_norm(x3, y3, gamma, beta, eps, training, running_mean,
-                                             running_var, momentum))
+        stats = cpu.batch_norm(x3, y3, gamma, beta, eps, training, running_mean, running_var,
+                               momentum)
+        return y, _new_tuple(BatchStats, (stats[0], stats[1]))
     return run_forward(check_forward(x, gamma, beta, axis, training, running_mean, running_var,
                                      momentum, eps, out, device))
 
@@ -154,7 +158,8 @@ def backward(dy, x, stats, gamma=None, *, axis=1, training=True, out=None, devic
     lean = lean_backward(dy, x, stats, gamma, axis, training, out, device)
     if lean is not None:
         dy3, x3, dx, dx3, mean, invstd = lean
-        return (dx, *cpu.batch_norm_backward(dy3, x3, dx3, mean, invstd, gamma, training))
+        grads = cpu.batch_norm_backward(dy3, x3, dx3, mean, invstd, gamma, training)
+        return dx, grads[0], grads[1]
     return run_backward(check_backward(dy, x, stats, gamma, axis, training, out, device))
 
 

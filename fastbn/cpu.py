@@ -798,7 +798,8 @@ def batch_norm(x3, y3, gamma, beta, eps, training, running_mean, running_var, mo
     """A whole forward in one compiled call, for C-contiguous arrays that need no conversion.
 
     ``gamma``, ``beta``: float32/float64 (C,) arrays or None; the running statistics float32/
-    float64 (C,) arrays, or None in training. Returns the float64 ``(mean, invstd)``.
+    float64 (C,) arrays, or None in training. Returns the float64 ``(mean, invstd)`` as the two
+    rows of one array.
     """
     channels = x3.shape[1]
     gamma = _constant(1.0, channels) if gamma is None else gamma
@@ -810,17 +811,17 @@ def batch_norm(x3, y3, gamma, beta, eps, training, running_mean, running_var, mo
     else:
         _eval_forward.build(x3.size)(x3, y3, gamma, beta, eps, running_mean, running_var, stats,
                                      _blocks())
-    return stats[0], stats[1]
+    return stats
 
 
 def batch_norm_backward(dy3, x3, dx3, mean, invstd, gamma, training):
     """A whole backward in one compiled call (arrays as ``batch_norm``'s): ``(dgamma, dbeta)``,
-    in gamma's dtype (x's if gamma is None)."""
+    in gamma's dtype (x's if gamma is None), as the two rows of one array."""
     channels = x3.shape[1]
     grads = np.empty((2, channels), x3.dtype if gamma is None else gamma.dtype)
     gamma = _constant(1.0, channels) if gamma is None else gamma
     _backward.build(x3.size)(dy3, x3, dx3, mean, invstd, gamma, training, grads, _blocks())
-    return grads[0], grads[1]
+    return grads
 
 
 # -- the device interface: the same names, arguments and results in fastbn/cuda.py -------------
