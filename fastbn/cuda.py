@@ -601,11 +601,10 @@ def for_call(stream=None, **arrays):
     producers = [a.stream for a in views.values() if getattr(a, "stream", 0)]
     if own is None:
         own = producers[0] if producers else 0
-    waited = {_handle(own)}
-    with _on_gpu(gpu):
-        for producer in producers:
-            if _handle(producer) not in waited:
-                waited.add(_handle(producer))
+    others = {_handle(p): p for p in producers if _handle(p) != _handle(own)}
+    if others:
+        with _on_gpu(gpu):
+            for producer in others.values():
                 event = cuda.event() if _SIMULATOR else cuda.event(timing=False)
                 event.record(stream=producer)
                 event.wait(stream=own)
@@ -660,9 +659,9 @@ def _on_its_gpu(step):
 
     @functools.wraps(step)
     def run(self, *args, **options):
-        if self._gpu is None:
+        if self.gpu is None:
             return step(self, *args, **options)
-        with cuda.gpus[self._gpu]:
+        with cuda.gpus[self.gpu]:
             return step(self, *args, **options)
     return run
 
@@ -726,7 +725,7 @@ class Steps:
 
     def __init__(self, stream=0, gpu=None, scratch=True):
         self.stream = stream
-        self._gpu = gpu
+        self.gpu = gpu
         self._scratch = _Scratch() if scratch else None
 
     def _take(self, shape):
