@@ -14,7 +14,14 @@ from typing import NamedTuple
 import numpy as np
 
 from . import cpu
-from ._arrays import byte_range, call_steps, device_view, is_cuda_array, is_read_only, overlaps
+from ._arrays import (
+    byte_range,
+    call_steps,
+    device_view,
+    is_cuda_array,
+    is_read_only,
+    overlaps,
+)
 
 DATA_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _DEVICES = (None, "cpu", "cuda")
