@@ -93,7 +93,7 @@ def _forward_coefficients(m2, count, gamma, beta, delta, eps):
     return invstd, a, beta - a * delta
 
 
-# -- a thread's moments: tiles of plain sums, merged -----------------------------------------------
+# -- a thread's moments: tiles of plain sums, merged ----------------------------------------------
 #
 # A tile's deviations are taken from its first value, so the cancellation in Σt² − (Σt)²/n is
 # bounded by the tile's own spread (Samuelson's inequality, as for the CPU's rows tiles,
@@ -600,7 +600,7 @@ def for_call(stream=None, **arrays):
     gpu = choose_gpu({name: _pointer_gpu(interface(a)["data"][0]) for name, a in views.items()})
     producers = [a.stream for a in views.values() if getattr(a, "stream", 0)]
     if own is None:
-        own = producers[0] if producers else 0
+        own = producers[0] if producers and _handle(producers[0]) else 0
     others = {_handle(p): p for p in producers if _handle(p) != _handle(own)}
     if others:
         with _on_gpu(gpu):
@@ -733,6 +733,12 @@ class Steps:
             return cuda.device_array(shape, np.float64)
         return self._scratch.take(shape)
 
+    def _copy_stream(self):
+        """The stream of a copy to the device: the call's, or Numba's default stream as an object,
+        so that the copy does not wait for the host either (a copy from pageable memory is staged
+        before it returns)."""
+        return self.stream or (0 if _SIMULATOR else cuda.default_stream())
+
     def _vectors(self, count, channels):
         return [self._take(channels) for _ in range(count)]
 
@@ -753,8 +759,8 @@ class Steps:
         return _HostRunning(self) if isinstance(running_mean, np.ndarray) else self
 
     def view(self, x, axis):
-        """The ``(outer, C, inner)`` view of arrays laid out like ``x``, in C order (a CUDA array is
-        C-contiguous; a NumPy one is copied in C-contiguous)."""
+        """The ``(outer, C, inner)`` view of arrays laid out like ``x``, in C order (a CUDA array
+        is C-contiguous; a NumPy one is copied in C-contiguous)."""
         view = ChannelView(x, axis, in_memory_order=False)
         if self._scratch is not None:
             self._scratch.expect(_scratch_size(view.shape))
@@ -763,7 +769,7 @@ class Steps:
     @_on_its_gpu
     def operands(self, view, *arrays):
         """The arrays as the kernels read them: device views, NumPy arrays copied in."""
-        return [cuda.to_device(view.of(a), stream=self.stream) if isinstance(a, np.ndarray)
+        return [cuda.to_device(view.of(a), stream=self._copy_stream()) if isinstance(a, np.ndarray)
                 else view.of(a) for a in arrays]
 
     @_on_its_gpu
@@ -783,7 +789,8 @@ class Steps:
             return None if fill is None else _constant(float(fill), channels)
         target = self._take(channels)
         if isinstance(values, np.ndarray):
-            target.copy_to_device(np.ascontiguousarray(values, np.float64), stream=self.stream)
+            target.copy_to_device(np.ascontiguousarray(values, np.float64),
+                                  stream=self._copy_stream())
             return target
         values = device_view(values)
         if values.dtype == np.float64 and not copy:
@@ -845,7 +852,8 @@ class Steps:
 
     @_on_its_gpu
     def normalize_with(self, x3, y3, mean, var, gamma, beta, eps):
-        """The map with given statistics (eval, ``fastbn.normalize``); returns device ``invstd``."""
+        """The map with given statistics (eval, ``fastbn.normalize``); returns device
+        ``invstd``."""
         channels = x3.shape[1]
         same_mean, same_var, invstd, scale, bias = self._vectors(5, channels)
         self._launch(_forward_maps, *_grid(channels), mean, _constant(0.0, channels), var, 1.0,
