@@ -22,11 +22,21 @@ def is_cuda_array(a):
 
 
 def device_view(a):
-    """A zero-copy Numba device array of a CUDA array (CuPy, PyTorch, Numba, ...)."""
+    """A zero-copy Numba device array of a CUDA array (CuPy, PyTorch, Numba, ...), on the GPU
+    that holds it (fastbn.cuda.device_view)."""
     if not hasattr(a, "__cuda_array_interface__"):
         return a  # the simulator's arrays are Numba's device arrays already
-    from numba import cuda
-    return cuda.as_cuda_array(a)
+    from . import cuda
+    return cuda.device_view(a)
+
+
+def call_steps(device, stream, **arrays):
+    """The steps that run a checked call on ``device`` (fastbn.cpu or fastbn.cuda): the CPU
+    module as it is (``stream`` is for the GPU and ignored here), or fastbn.cuda's steps bound to
+    the call's stream and to the GPU that holds ``arrays`` (fastbn.cuda.for_call)."""
+    if device.NAME != "cuda":
+        return device
+    return device.for_call(stream, **arrays)
 
 
 def interface(a):

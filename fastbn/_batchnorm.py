@@ -30,7 +30,7 @@ _new_tuple = tuple.__new__  # BatchStats without NamedTuple's Python-level __new
 
 
 def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=None,
-            running_var=None, momentum=0.1, eps=1e-5, out=None, device=None):
+            running_var=None, momentum=0.1, eps=1e-5, out=None, device=None, stream=None):
     """Batch normalization of ``x`` over every axis but the channel ``axis``.
 
     Parameters
@@ -55,6 +55,11 @@ def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=Non
         Where to write y: x's shape and dtype; may be ``x`` itself.
     device : {None, "cpu", "cuda"}
         None picks by where x lives.
+    stream : CUDA stream, optional
+        On the GPU, the stream every kernel and copy of the call runs on (a Numba stream, an
+        object with ``__cuda_stream__`` such as ``torch.cuda.current_stream()``, or an integer
+        handle); by default the producer's stream that x's ``__cuda_array_interface__`` names,
+        else Numba's default stream. Ignored on the CPU.
 
     Returns
     -------
@@ -71,7 +76,7 @@ def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=Non
                                momentum)
         return y, _new_tuple(BatchStats, (stats[0], stats[1]))
     return run_forward(check_forward(x, gamma, beta, axis, training, running_mean, running_var,
-                                     momentum, eps, out, device))
+                                     momentum, eps, out, device, stream=stream))
 
 
 def _prepare(call, *inputs):
@@ -124,7 +129,8 @@ def _update_running(call, mean, var, unbias):
                          where.per_channel(var, channels), call.momentum, unbias)
 
 
-def backward(dy, x, stats, gamma=None, *, axis=1, training=True, out=None, device=None):
+def backward(dy, x, stats, gamma=None, *, axis=1, training=True, out=None, device=None,
+             stream=None):
     """Gradients of batch normalization: ``dx, dgamma, dbeta`` from ``dy = ∂loss/∂y``.
 
     Parameters
@@ -147,6 +153,8 @@ def backward(dy, x, stats, gamma=None, *, axis=1, training=True, out=None, devic
         Where to write dx: x's shape and dtype; may be ``dy`` or ``x`` itself.
     device : {None, "cpu", "cuda"}
         None picks by where the arrays live.
+    stream : CUDA stream, optional
+        As for ``forward`` (by default the producer's stream of dy or x).
 
     Returns
     -------
@@ -160,7 +168,7 @@ def backward(dy, x, stats, gamma=None, *, axis=1, training=True, out=None, devic
         dy3, x3, dx, dx3, mean, invstd = lean
         grads = cpu.batch_norm_backward(dy3, x3, dx3, mean, invstd, gamma, training)
         return dx, grads[0], grads[1]
-    return run_backward(check_backward(dy, x, stats, gamma, axis, training, out, device))
+    return run_backward(check_backward(dy, x, stats, gamma, axis, training, out, device, stream))
 
 
 def run_backward(call, add=None):

@@ -15,7 +15,14 @@ from typing import NamedTuple
 import numpy as np
 
 from . import cpu
-from ._arrays import byte_range, device_view, is_cuda_array, is_read_only, overlaps
+from ._arrays import (
+    byte_range,
+    call_steps,
+    device_view,
+    is_cuda_array,
+    is_read_only,
+    overlaps,
+)
 
 DATA_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _DEVICES = (None, "cpu", "cuda")
@@ -224,7 +231,7 @@ def check_out(out, like, **inputs):
 class Forward(NamedTuple):
     """A forward call whose arguments passed every check: converted, and where it runs."""
 
-    device: object  # the module that computes: fastbn.cpu or fastbn.cuda
+    device: object  # what computes: fastbn.cpu, or fastbn.cuda's steps on the call's stream
     x: object
     axis: int
     training: bool
@@ -239,12 +246,12 @@ class Forward(NamedTuple):
 
 
 def check_forward(x, gamma, beta, axis, training, running_mean, running_var, momentum, eps, out,
-                  device, own_statistics=True):
+                  device, own_statistics=True, stream=None):
     """Every check of a forward call, before anything is computed or written.
 
     ``own_statistics=False``: the statistics come from a larger batch that x is part of
     (``normalize``, ``fastbn.distributed``), so x itself may hold fewer than two values per
-    channel; the caller checks the batch's count.
+    channel; the caller checks the batch's count. ``stream``: the GPU stream to run on.
     """
     device = choose_device(device, x, out)
     on_gpu = device.NAME == "cuda"
@@ -287,18 +294,22 @@ def check_forward(x, gamma, beta, axis, training, running_mean, running_var, mom
         for name, stat, other, a in pairs:
             if overlaps(stat, a):
                 raise ValueError(f"{name} shares memory with {other}")
+    device = call_steps(device, stream, x=x, gamma=gamma, beta=beta, running_mean=running_mean,
+                        running_var=running_var, out=out)
+    if running_device is not None and on_gpu:
+        running_device = device.running_steps(running_mean)
     return Forward(device, x, axis, training, gamma, beta, running_mean, running_var,
                    running_device, momentum, eps, out)
 
 
-def check_moments(x, axis, device):
+def check_moments(x, axis, device, stream=None):
     """``(device, x, axis)`` of a ``moments`` call, checked."""
     device = choose_device(device, x)
     x = data("x", x)
     axis = channel_axis(axis, x)
     if device.NAME == "cuda":
         gpu_contiguous("x", x)
-    return device, x, axis
+    return call_steps(device, stream, x=x), x, axis
 
 
 class Backward(NamedTuple):
@@ -316,8 +327,9 @@ class Backward(NamedTuple):
     out: object
 
 
-def check_backward(dy, x, stats, gamma, axis, training, out, device):
-    """Every check of a backward call, before anything is computed or written."""
+def check_backward(dy, x, stats, gamma, axis, training, out, device, stream=None):
+    """Every check of a backward call, before anything is computed or written (``stream``: the
+    GPU stream to run on)."""
     device = choose_device(device, dy, x, out)
     on_gpu = device.NAME == "cuda"
     x = data("x", x)
@@ -348,6 +360,8 @@ def check_backward(dy, x, stats, gamma, axis, training, out, device):
         if grad_dtype not in DATA_DTYPES:
             raise TypeError(f"on the GPU, gamma must be float32 or float64 (dgamma and dbeta take "
                             f"its dtype), got {grad_dtype}")
+    device = call_steps(device, stream, dy=dy, x=x, out=out, gamma=gamma,
+                        **{"stats.mean": mean, "stats.invstd": invstd})
     return Backward(device, dy, x, axis, training, mean, invstd, gamma, grad_dtype, out)
 
 

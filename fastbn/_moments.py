@@ -36,7 +36,7 @@ def batch_moments(device, x, axis):
     return Moments(count, device.to_host(shift) + device.to_host(delta), device.to_host(m2))
 
 
-def moments(x, *, axis=1, device=None):
+def moments(x, *, axis=1, device=None, stream=None):
     """Per-channel ``Moments(count, mean, M2)`` of the batch ``x``, in one pass over it.
 
     Moments of disjoint batches merge exactly with ``merge_moments``: the statistics of data that
@@ -50,13 +50,15 @@ def moments(x, *, axis=1, device=None):
         The channel axis.
     device : {None, "cpu", "cuda"}
         None picks by where x lives.
+    stream : CUDA stream, optional
+        As for ``forward``.
 
     Returns
     -------
     Moments
         float64 NumPy arrays of shape (C,), wherever x lives (3·C numbers, to merge or send).
     """
-    return batch_moments(*check_moments(x, axis, device))
+    return batch_moments(*check_moments(x, axis, device, stream))
 
 
 def _as_moments(name, moments_, channels=None, where=""):
@@ -118,7 +120,7 @@ def variances(total):
 
 
 def normalize(x, moments, gamma=None, beta=None, *, axis=1, running_mean=None, running_var=None,
-              momentum=0.1, eps=1e-5, out=None, device=None):
+              momentum=0.1, eps=1e-5, out=None, device=None, stream=None):
     """Training-mode batch norm of ``x`` with the statistics of a batch that x is part of.
 
     ``y = γ·(x − mean)/sqrt(m2/count + eps) + β`` with ``moments`` (from ``moments`` and
@@ -132,7 +134,7 @@ def normalize(x, moments, gamma=None, beta=None, *, axis=1, running_mean=None, r
         As for ``forward``; it may hold any number of values per channel, none included.
     moments : Moments
         Of the whole batch: more than one value per channel.
-    gamma, beta, axis, running_mean, running_var, momentum, eps, out, device
+    gamma, beta, axis, running_mean, running_var, momentum, eps, out, device, stream
         As for ``forward``.
 
     Returns
@@ -142,7 +144,7 @@ def normalize(x, moments, gamma=None, beta=None, *, axis=1, running_mean=None, r
         The mean and invstd used.
     """
     call = check_forward(x, gamma, beta, axis, True, running_mean, running_var, momentum, eps,
-                         out, device, own_statistics=False)
+                         out, device, own_statistics=False, stream=stream)
     channels = call.x.shape[call.axis]
     total = _as_moments("moments", moments, channels, of_x(call.x, call.axis))
     if channels and total.count.min() < 2:

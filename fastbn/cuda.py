@@ -26,38 +26,58 @@ running statistics   ``update_running(running_mean, running_var, μ, σ²,     �
                      momentum, unbias)``
 ==================== ====================================================== =================
 
+Here the steps are the methods of :class:`Steps`, one object per call (``for_call``), which holds
+the call's stream, its GPU and its scratch memory; the module-level functions of the same names
+run on Numba's default stream of the current GPU. Every launch and copy of a call runs on its
+stream, so nothing waits for the host on the common path (CUDA inputs and outputs): constants
+come from a per-GPU cache, and the call's float64 vectors and per-piece parts from one device
+allocation.
+
 The view is C-contiguous here (CUDA arrays must be; NumPy arrays are copied in so):
 
 * reductions come in two layouts: *planar* (``inner > 1``) gives a block one chunk of one channel,
   whose threads read consecutive values of a run; *rows* (``inner == 1``: N×D, channels-last)
-  gives a block a segment of rows and ``COLUMNS`` consecutive channels, so a warp reads along a
-  row. Either way reads are coalesced;
-* maps read the view as rows, threads along a row and blocks down the rows.
+  gives a block a segment of rows and up to ``COLUMNS`` consecutive channels (fewer for narrow
+  rows, so that C = 3 still keeps the lanes busy), so a warp reads along a row. Either way reads
+  are coalesced;
+* maps read the view as rows, threads along a row and blocks down the rows; a block covers
+  several narrow rows at once.
 
 Numerics as on the CPU (docs/design.md §3): float64 arithmetic, statistics of ``x − s`` with ``s``
-one value of the channel; each thread keeps a Welford accumulator, a block merges its threads' with
-Chan et al.'s formula (fastbn.cpu.chan, compiled for the device) in shared memory in a fixed tree
-order, and a second small kernel merges the blocks' in block order. No floating-point atomics, so
-results are deterministic. Indices are 64-bit, so tensors of more than 2**31 values work.
+one value of the channel; each thread sums its values in tiles of ``TILE`` about the tile's first
+value (the CPU's rows rule, without a division per value) and merges the tiles with Chan et al.'s
+formula (fastbn.cpu.chan, compiled for the device); a block merges its threads' in shared memory
+in a fixed tree order, and a second small kernel merges the blocks' in block order. No
+floating-point atomics, so results are deterministic. Indices are 64-bit, so tensors of more
+than 2**31 values work.
 
 The block sizes are read at call time (kernels are built per size), so tests can shrink them to run
 the multi-block merges on small shapes.
 """
+import contextlib
+import ctypes
 import functools
 import math
+import numbers
+import warnings
 
+import numba
 import numpy as np
 from numba import cuda, float64, int64
+from numba.core.errors import NumbaPerformanceWarning
 
 from . import cpu
-from ._arrays import device_view
+from ._arrays import interface, is_cuda_array
 from ._layout import ChannelView
 
 THREADS = 256  # threads per block, a power of two
-COLUMNS = 32  # rows kernels: channels a block covers (one warp reads 32 consecutive values)
+COLUMNS = 32  # rows kernels: channels a block covers at most (a warp reads 32 consecutive values)
 CHUNK = 1 << 15  # planar: values of one channel a block reduces (more when a channel is huge)
 SEGMENT = 1 << 10  # rows: rows a block reduces (more when there are very many rows)
+TILE = 32  # values a thread sums about one first value before a Chan merge (cpu.TILE_ROWS's rule)
 MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y, which counts the pieces of a channel
+
+_SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 
 # The per-channel formulas are the CPU's, compiled for the device. numba.cuda has no np.sqrt, so
 # the forward one is restated with math.sqrt (the same correctly rounded operation).
@@ -73,17 +93,51 @@ def _forward_coefficients(m2, count, gamma, beta, delta, eps):
     return invstd, a, beta - a * delta
 
 
+# -- a thread's moments: tiles of plain sums, merged ----------------------------------------------
+#
+# A tile's deviations are taken from its first value, so the cancellation in Σt² − (Σt)²/n is
+# bounded by the tile's own spread (Samuelson's inequality, as for the CPU's rows tiles,
+# docs/design.md §3.2), and the only divisions are the merge's, once per tile.
+
+
 @cuda.jit(device=True)
-def _welford(n, mean, m2, d):
-    n += 1.0
-    delta = d - mean
-    mean += delta / n
-    return n, mean, m2 + delta * (d - mean)
+def _tile_merge(n, mean, m2, count, first, total, squares):
+    """(n, mean, M2) merged with a tile of ``count`` values d, ``total = Σ(d − first)`` and
+    ``squares = Σ(d − first)²``."""
+    step = total / count
+    tile_m2 = squares - total * step
+    if tile_m2 < 0.0:  # noqa: PLR1730 - rounding; the comparison lets NaN through (max would not)
+        tile_m2 = 0.0
+    return _chan(n, mean, m2, count, first + step, tile_m2)
+
+
+@cuda.jit(device=True)
+def _tile_add(n, mean, m2, count, first, total, squares, d, tile):
+    """Add ``d`` to the open tile; a full tile (``tile`` values) is merged into (n, mean, M2)."""
+    if count == 0.0:
+        first = d
+    t = d - first
+    total += t
+    squares += t * t
+    count += 1.0
+    if count == tile:
+        n, mean, m2 = _tile_merge(n, mean, m2, count, first, total, squares)
+        count = total = squares = 0.0
+    return n, mean, m2, count, first, total, squares
+
+
+@cuda.jit(device=True)
+def _tile_close(n, mean, m2, count, first, total, squares):
+    """(n, mean, M2) with the last, partly filled tile merged in."""
+    if count > 0.0:
+        return _tile_merge(n, mean, m2, count, first, total, squares)
+    return n, mean, m2
 
 
 @functools.lru_cache(maxsize=None)
-def _kernels(threads, columns):
-    """The kernels for blocks of ``threads`` threads (rows kernels: ``columns`` × the rest)."""
+def _kernels(threads, columns, tile):
+    """The kernels for blocks of ``threads`` threads (rows kernels: ``columns`` × the rest) whose
+    threads sum ``tile`` values at a time."""
     lanes = threads // columns  # rows kernels: threads per column, down the rows
 
     @cuda.jit(device=True)
@@ -116,23 +170,27 @@ def _kernels(threads, columns):
 
     @cuda.jit(device=True)
     def planar_place(x, chunk):
-        """``(c, j, t, k, stop, o, i)``: a planar block's channel and chunk, the thread, its first
-        value ``k`` of the channel (run ``o``, place ``i``) and the chunk's end."""
+        """``(c, j, t, k, stop, o, i, runs, rest)``: a planar block's channel and chunk, the
+        thread, its first value ``k`` of the channel (run ``o``, place ``i``), the chunk's end,
+        and a block's worth of values as ``runs`` whole runs plus ``rest`` places."""
         c = cuda.blockIdx.x
         j = int64(cuda.blockIdx.y)
         t = cuda.threadIdx.x
-        inner = x.shape[2]
+        inner = int64(x.shape[2])
         start = j * chunk
         k = start + t
         o = k // inner
-        return c, j, t, k, min(start + chunk, int64(x.shape[0]) * inner), o, k - o * inner
+        runs = threads // inner
+        return (c, j, t, k, min(start + chunk, int64(x.shape[0]) * inner), o, k - o * inner, runs,
+                threads - runs * inner)
 
     @cuda.jit(device=True)
-    def planar_next(k, o, i, inner):
+    def planar_next(k, o, i, inner, runs, rest):
         """The thread's next value, a block further on: the run and place stepped without a
-        division."""
-        i += threads
-        while i >= inner:
+        division (``rest < inner``, so one carry at most)."""
+        i += rest
+        o += runs
+        if i >= inner:
             i -= inner
             o += 1
         return k + threads, o, i
@@ -149,12 +207,15 @@ def _kernels(threads, columns):
 
     @cuda.jit
     def planar_moments(x, shift, chunk, counts, means, m2s):
-        c, j, t, k, stop, o, i = planar_place(x, chunk)
+        c, j, t, k, stop, o, i, runs, rest = planar_place(x, chunk)
+        inner = x.shape[2]
         s = shift[c]
-        n = mean = m2 = 0.0
+        n = mean = m2 = count = first = total = squares = 0.0
         while k < stop:
-            n, mean, m2 = _welford(n, mean, m2, float64(x[o, c, i]) - s)
-            k, o, i = planar_next(k, o, i, x.shape[2])
+            n, mean, m2, count, first, total, squares = _tile_add(
+                n, mean, m2, count, first, total, squares, float64(x[o, c, i]) - s, tile)
+            k, o, i = planar_next(k, o, i, inner, runs, rest)
+        n, mean, m2 = _tile_close(n, mean, m2, count, first, total, squares)
         sn = cuda.shared.array(threads, float64)
         smean = cuda.shared.array(threads, float64)
         sm2 = cuda.shared.array(threads, float64)
@@ -166,12 +227,14 @@ def _kernels(threads, columns):
     def rows_moments(x, shift, segment, counts, means, m2s):
         tx, ty, t, c, g, r, stop = rows_place(x, segment)
         channels = x.shape[1]
-        n = mean = m2 = 0.0
+        n = mean = m2 = count = first = total = squares = 0.0
         if c < channels:
             s = shift[c]
             while r < stop:
-                n, mean, m2 = _welford(n, mean, m2, float64(x[r, c]) - s)
+                n, mean, m2, count, first, total, squares = _tile_add(
+                    n, mean, m2, count, first, total, squares, float64(x[r, c]) - s, tile)
                 r += lanes
+            n, mean, m2 = _tile_close(n, mean, m2, count, first, total, squares)
         sn = cuda.shared.array(threads, float64)
         smean = cuda.shared.array(threads, float64)
         sm2 = cuda.shared.array(threads, float64)
@@ -181,14 +244,15 @@ def _kernels(threads, columns):
 
     @cuda.jit
     def planar_grad_sums(dy, x, mean, chunk, sums_dy, sums_dy_xmu):
-        c, j, t, k, stop, o, i = planar_place(x, chunk)
+        c, j, t, k, stop, o, i, runs, rest = planar_place(x, chunk)
+        inner = x.shape[2]
         m = mean[c]
         a = b = 0.0
         while k < stop:
             g = float64(dy[o, c, i])
             a += g
             b += g * (float64(x[o, c, i]) - m)
-            k, o, i = planar_next(k, o, i, x.shape[2])
+            k, o, i = planar_next(k, o, i, inner, runs, rest)
         sa = cuda.shared.array(threads, float64)
         sb = cuda.shared.array(threads, float64)
         a, b = add_sums(a, b, sa, sb, t, 1)
@@ -245,9 +309,12 @@ def _add_partials(parts_a, parts_b, total_a, total_b):
 
 
 @cuda.jit
-def _forward_maps(delta, m2, count, gamma, beta, eps, invstd, scale, bias):
+def _forward_maps(shift, delta, m2, count, gamma, beta, eps, mean, var, invstd, scale, bias):
+    """The statistics ``mean = s + δ``, ``var = M2/count`` and the map's coefficients."""
     c = cuda.grid(1)
     if c < delta.size:
+        mean[c] = shift[c] + delta[c]
+        var[c] = m2[c] / count
         invstd[c], scale[c], bias[c] = _forward_coefficients(m2[c], count, gamma[c], beta[c],
                                                              delta[c], eps)
 
@@ -258,6 +325,14 @@ def _backward_maps(sum_dy, sum_dy_xmu, count, gamma, invstd, p, q, r):
     if c < p.size:
         p[c], q[c], r[c] = _backward_coefficients(sum_dy[c], sum_dy_xmu[c], count, gamma[c],
                                                   invstd[c])
+
+
+@cuda.jit
+def _parameter_gradients(sum_dy, sum_dy_xmu, invstd, dgamma, dbeta):
+    c = cuda.grid(1)
+    if c < dgamma.size:
+        dgamma[c] = sum_dy_xmu[c] * invstd[c]
+        dbeta[c] = sum_dy[c]
 
 
 @cuda.jit
@@ -277,14 +352,6 @@ def _first_values(x3, shift):
 
 
 @cuda.jit
-def _mean_and_var(shift, delta, m2, count, mean, var):
-    c = cuda.grid(1)
-    if c < mean.size:
-        mean[c] = shift[c] + delta[c]
-        var[c] = m2[c] / count
-
-
-@cuda.jit
 def _cast(source, target):
     """``target[:] = source`` in target's dtype (per-channel vectors)."""
     c = cuda.grid(1)
@@ -292,38 +359,37 @@ def _cast(source, target):
         target[c] = source[c]
 
 
-@cuda.jit
-def _product(a, b, out):
-    c = cuda.grid(1)
-    if c < out.size:
-        out[c] = a[c] * b[c]
-
-
 # -- elementwise maps, over the view as rows ----------------------------------------------------
 #
 # The maps see the view as a 2-D array: ``(outer·C, inner)`` rows of one channel each (planar) or
 # ``(outer, C)`` rows of every channel (rows). Threads run along a row (coalesced), blocks down the
-# rows, so the channel of a value costs one integer modulo per row, not a division per value.
+# rows, so the channel of a value costs one integer modulo per row, not a division per value. A row
+# narrower than a block gets ``per_row`` threads, and the block covers several rows at once.
 
 
 def _row_map(value):
-    """A kernel ``(out, a, b, channels, planar, centre, p, q, r)`` that writes
+    """A kernel ``(out, a, b, channels, planar, centre, p, q, r, per_row)`` that writes
     ``out = value(a, b, ...)`` over the view read as rows: a grid-stride loop along and down."""
 
     @cuda.jit
-    def kernel(out, a, b, channels, planar, centre, p, q, r):
+    def kernel(out, a, b, channels, planar, centre, p, q, r, per_row):
         rows, width = out.shape
-        first = int64(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
-        step = int64(cuda.gridDim.x) * cuda.blockDim.x
-        row = int64(cuda.blockIdx.y)
-        while row < rows:
-            row_channel = row % channels
-            w = first
-            while w < width:
-                c = row_channel if planar else w
-                out[row, w] = value(a, b, row, w, c, centre, p, q, r)
-                w += step
-            row += cuda.gridDim.y
+        band = cuda.blockDim.x // per_row  # rows a block covers at once
+        t = cuda.threadIdx.x
+        lane_row = t // per_row  # once per thread: the loops below never divide
+        if lane_row < band:
+            first = int64(cuda.blockIdx.x) * per_row + (t - lane_row * per_row)
+            step = int64(cuda.gridDim.x) * per_row
+            row = int64(cuda.blockIdx.y) * band + lane_row
+            row_step = int64(cuda.gridDim.y) * band
+            while row < rows:
+                row_channel = row % channels
+                w = first
+                while w < width:
+                    c = row_channel if planar else w
+                    out[row, w] = value(a, b, row, w, c, centre, p, q, r)
+                    w += step
+                row += row_step
 
     return kernel
 
@@ -353,11 +419,15 @@ def _as_rows(a3):
 
 
 def _map_launch(rows):
+    """``(grid, block, per_row)`` of a map over ``rows`` (not empty)."""
     height, width = rows.shape
-    return (max(1, min(-(-width // THREADS), 1024)), max(1, min(height, MAX_GRID_Y))), THREADS
+    per_row = min(THREADS, width)
+    band = THREADS // per_row
+    return ((max(1, min(-(-width // per_row), 1024)), max(1, min(-(-height // band), MAX_GRID_Y))),
+            THREADS, per_row)
 
 
-# -- launching the kernels ----------------------------------------------------------------------
+# -- launch configurations ----------------------------------------------------------------------
 
 
 def _grid(n):
@@ -365,9 +435,10 @@ def _grid(n):
     return max(1, -(-n // THREADS)), THREADS
 
 
-def _pieces(x3):
-    """``(planar, piece, pieces)``: how the reductions cut each channel."""
-    outer, channels, inner = x3.shape
+def _pieces(shape):
+    """``(planar, piece, pieces)``: how the reductions cut each channel of an ``(outer, C, inner)``
+    view."""
+    outer, _, inner = shape
     if inner > 1:
         total = outer * inner
         chunk = max(CHUNK, -(-total // MAX_GRID_Y))
@@ -377,39 +448,222 @@ def _pieces(x3):
 
 
 def _reduce_launch(x3):
-    planar, piece, pieces = _pieces(x3)
+    """``(kernels, planar, piece, pieces, grid, block)`` of a reduction over ``x3``."""
+    planar, piece, pieces = _pieces(x3.shape)
     channels = x3.shape[1]
-    kernels = _kernels(THREADS, min(COLUMNS, THREADS))
     if planar:
+        kernels = _kernels(THREADS, min(COLUMNS, THREADS), TILE)
         return kernels, planar, piece, pieces, (channels, pieces), THREADS
-    columns = min(COLUMNS, THREADS)
-    return kernels, planar, piece, pieces, (-(-channels // columns), pieces), \
-        (columns, THREADS // columns)
+    # Rows: as many columns as the rows have channels, rounded up to a power of two (at most
+    # COLUMNS), so that narrow rows (C = 3) give the other lanes more rows instead.
+    columns = min(COLUMNS, THREADS, 1 << max(0, channels - 1).bit_length())
+    return (_kernels(THREADS, columns, TILE), planar, piece, pieces,
+            (-(-channels // columns), pieces), (columns, THREADS // columns))
 
 
-def _zeros(channels):
-    return cuda.to_device(np.zeros(channels))
+# -- streams, GPUs and device views ---------------------------------------------------------------
+#
+# Numba's CUDA simulator has neither external streams nor a way to import a
+# __cuda_array_interface__ (its "device" memory is host memory); the stand-ins below let the tests
+# run those paths there.
 
 
-def _empty(shape, count):
-    """``count`` new float64 device arrays of ``shape`` (per-channel vectors, per-piece parts)."""
-    return [cuda.device_array(shape, np.float64) for _ in range(count)]
+class _SimulatedStream:
+    """The simulator's stand-in for ``cuda.external_stream(handle)``."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def __int__(self):
+        return self.handle
+
+    def synchronize(self):
+        pass
 
 
-def _shift(x3):
-    """One value of each channel (its first), float64: statistics are taken of x minus it."""
-    shift = cuda.device_array(x3.shape[1], np.float64)
-    _first_values[_grid(x3.shape[1])](x3, shift)
-    return shift
+def _external_stream(handle):
+    return _SimulatedStream(handle) if _SIMULATOR else cuda.external_stream(handle)
 
 
-def _affine_map(x3, y3, shift, scale, bias):
-    """``y = scale·(x − shift) + bias`` per channel, written into ``y3``."""
-    if x3.size == 0:
-        return
-    x, planar = _as_rows(x3)
-    _affine[_map_launch(x)](_as_rows(y3)[0], x, x, x3.shape[1], planar, shift, scale, scale,
-                            bias)
+def _is_numba_stream(stream):
+    return isinstance(stream, _SimulatedStream) or type(stream).__module__.startswith("numba.")
+
+
+def _handle(stream):
+    """A stream's identity: its handle (0 for the default stream); the simulator's own streams
+    have none, so their ``id``."""
+    if not stream:
+        return 0
+    try:
+        return int(stream)
+    except TypeError:
+        return id(stream)
+
+
+def as_stream(stream):
+    """The Numba stream of a ``stream=`` argument: a Numba stream, an object with
+    ``__cuda_stream__`` (a method or attribute giving ``(version, handle)``), an object with an
+    integer ``cuda_stream`` (PyTorch's streams), or an integer handle. ``0`` stands for Numba's
+    default stream."""
+    if _is_numba_stream(stream):
+        return stream if _handle(stream) else 0
+    if hasattr(stream, "__cuda_stream__"):
+        protocol = stream.__cuda_stream__
+        handle = (protocol() if callable(protocol) else protocol)[1]
+    elif hasattr(stream, "cuda_stream"):
+        handle = stream.cuda_stream
+    else:
+        handle = stream
+    if isinstance(handle, bool) or not isinstance(handle, numbers.Integral):
+        raise TypeError(f"stream must be a CUDA stream: a Numba stream, an object with "
+                        f"__cuda_stream__ (PyTorch's torch.cuda.current_stream(), CuPy's, "
+                        f"cuda.core's) or an integer handle, got {type(stream).__name__}")
+    if handle < 0:
+        raise ValueError(f"stream must be a CUDA stream handle (>= 0), got {handle}")
+    return _external_stream(int(handle)) if handle else 0
+
+
+class _HostInterface:
+    """A __cuda_array_interface__ read as NumPy's __array_interface__ (simulator only)."""
+
+    def __init__(self, described, owner):
+        self.__array_interface__ = dict(described, version=3)
+        self.owner = owner  # the memory's owner lives as long as the view
+
+
+def device_view(a):
+    """A zero-copy Numba device array of a CUDA array (CuPy, PyTorch, Numba, ...), made in the
+    context of the GPU that holds it. Its ``stream`` is the producer's stream of a version-3
+    interface, which is not waited for here: the call orders its own stream after it."""
+    if getattr(a, "__cuda_ndarray__", False) or not hasattr(a, "__cuda_array_interface__"):
+        return a  # Numba's own device arrays (and the simulator's)
+    described = a.__cuda_array_interface__
+    if _SIMULATOR:
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+        host = np.asarray(_HostInterface({key: described.get(key) for key in
+                                          ("shape", "typestr", "data", "strides")}, a))
+        stream = described.get("stream")
+        return FakeCUDAArray(host, stream=_external_stream(stream) if stream else 0)
+    with _on_gpu(_pointer_gpu(described["data"][0])):
+        return cuda.from_cuda_array_interface(described, owner=a, sync=False)
+
+
+def _pointer_gpu(pointer):
+    """The ordinal of the GPU that holds device memory at ``pointer`` (None for a null pointer:
+    an empty array). With a single GPU (or the simulator), 0 without asking the driver."""
+    if not pointer:
+        return None
+    if _SIMULATOR or len(cuda.gpus) < 2:
+        return 0
+    from numba.cuda.cudadrv import driver, enums
+    if driver.USE_NV_BINDING:
+        attribute = driver.binding.CUpointer_attribute.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL
+        return int(driver.driver.cuPointerGetAttribute(attribute,
+                                                       driver.binding.CUdeviceptr(pointer)))
+    ordinal = ctypes.c_int()
+    driver.driver.cuPointerGetAttribute(ctypes.byref(ordinal),
+                                        enums.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, pointer)
+    return ordinal.value
+
+
+def _current_gpu():
+    current = cuda.gpus.current
+    return None if current is None else current.id
+
+
+def _on_gpu(gpu):
+    """A context manager that makes ``gpu`` current (nothing when it is, or is None)."""
+    if gpu is None or gpu == _current_gpu():
+        return contextlib.nullcontext()
+    return cuda.gpus[gpu]
+
+
+def choose_gpu(gpus):
+    """The GPU a call runs on, from ``{argument name: ordinal of the GPU that holds it}`` (None:
+    no memory to hold, an empty array); None when no argument lives on a GPU."""
+    held = {name: gpu for name, gpu in gpus.items() if gpu is not None}
+    if len(set(held.values())) > 1:
+        where = ", ".join(f"{name} on GPU {gpu}" for name, gpu in held.items())
+        raise ValueError(f"the CUDA arrays of one call must live on one GPU, got {where}; copy "
+                         f"them to one device first")
+    return next(iter(held.values()), None)
+
+
+def for_call(stream=None, **arrays):
+    """The :class:`Steps` of one checked call: on the GPU that holds its CUDA arrays, on
+    ``stream`` if given, else on the producer's stream of the first of them whose interface names
+    one, else on Numba's default stream. Every other producer's stream is waited for on the GPU
+    (an event), not on the host. Raises ValueError for arrays on different GPUs."""
+    own = None if stream is None else as_stream(stream)
+    views = {name: device_view(a) for name, a in arrays.items()
+             if a is not None and is_cuda_array(a)}
+    gpu = choose_gpu({name: _pointer_gpu(interface(a)["data"][0]) for name, a in views.items()})
+    producers = [a.stream for a in views.values() if getattr(a, "stream", 0)]
+    if own is None:
+        own = producers[0] if producers and _handle(producers[0]) else 0
+    others = {_handle(p): p for p in producers if _handle(p) != _handle(own)}
+    if others:
+        with _on_gpu(gpu):
+            for producer in others.values():
+                event = cuda.event() if _SIMULATOR else cuda.event(timing=False)
+                event.record(stream=producer)
+                event.wait(stream=own)
+    return Steps(own, None if gpu is None or gpu == _current_gpu() else gpu)
+
+
+# -- constants and scratch memory -----------------------------------------------------------------
+
+
+_constants = {}
+
+
+def _constant(value, channels):
+    """A read-only float64 device vector of ``channels`` copies of ``value``, made once per GPU
+    and size (the only copy that waits for the device, the first time)."""
+    key = _current_gpu(), value, channels
+    found = _constants.get(key)
+    if found is None:
+        found = _constants[key] = cuda.to_device(np.full(channels, value))
+    return found
+
+
+def _scratch_size(shape):
+    """float64 values that one call's vectors and per-piece parts need at most, for an
+    ``(outer, C, inner)`` view: 3 per piece (moments) and a dozen vectors."""
+    return (3 * _pieces(shape)[2] + 12) * shape[1]
+
+
+class _Scratch:
+    """float64 device arrays cut from one allocation, sized for the call by ``expect``. The parts
+    are never reused, so the ones a call returns (its statistics) stay valid; another allocation
+    is made only if the estimate falls short."""
+
+    def __init__(self):
+        self._free = None
+        self._size = 0
+
+    def expect(self, size):
+        self._size = size
+
+    def take(self, shape):
+        n = math.prod(shape) if isinstance(shape, tuple) else shape
+        if self._free is None or self._free.size < n:
+            self._free = cuda.device_array(max(n, self._size), np.float64)
+            self._size = 0
+        part, self._free = self._free[:n], self._free[n:]
+        return part.reshape(shape)
+
+
+def _on_its_gpu(step):
+    """A step of :class:`Steps` run with the call's GPU current."""
+
+    @functools.wraps(step)
+    def run(self, *args, **options):
+        if self.gpu is None:
+            return step(self, *args, **options)
+        with cuda.gpus[self.gpu]:
+            return step(self, *args, **options)
+    return run
 
 
 # -- the device interface: the same names, arguments and results in fastbn/cpu.py --------------
@@ -418,23 +672,13 @@ def _affine_map(x3, y3, shift, scale, bias):
 NAME = "cuda"
 
 
-def view(x, axis):
-    """The ``(outer, C, inner)`` view of arrays laid out like ``x``, in C order (a CUDA array is
-    C-contiguous; a NumPy one is copied in C-contiguous)."""
-    return ChannelView(x, axis, in_memory_order=False)
-
-
-def operands(view, *arrays):
-    """The arrays as the kernels read them: device views, NumPy arrays copied in."""
-    return [cuda.to_device(view.of(a)) if isinstance(a, np.ndarray) else view.of(a)
-            for a in arrays]
-
-
 class _Output:
     """Where an op writes its result of x's shape (``array3``), and how it is handed back: on
-    the device, or copied to the host for NumPy input (``device="cuda"``)."""
+    the device, bound to the call's stream, or copied to the host for NumPy input
+    (``device="cuda"``)."""
 
-    def __init__(self, view, out, like):
+    def __init__(self, steps, view, out, like):
+        self._steps = steps
         self._on_host = isinstance(like, np.ndarray)
         self._out = out
         if out is not None and not self._on_host:
@@ -445,136 +689,247 @@ class _Output:
 
     def finish(self, *per_channel):
         """``(result, *per_channel)``, on the host (into ``out`` if given) for NumPy input."""
+        steps = self._steps
         if not self._on_host:
-            return (self._device if self._out is None else self._out, *per_channel)
-        host = self._device.copy_to_host()
+            result = steps.bound(self._device) if self._out is None else self._out
+            return (result, *map(steps.bound, per_channel))
+        host = steps.to_host(self._device, *per_channel)
         if self._out is not None:
-            self._out[...] = host
-            host = self._out
-        return (host, *(a.copy_to_host() for a in per_channel))
+            self._out[...] = host[0]
+            host[0] = self._out
+        return tuple(host)
 
 
-def output(view, out, like):
-    """Where a result of ``like``'s shape goes: ``out`` (possibly ``like`` itself) or a new
-    device array."""
-    return _Output(view, out, like)
+class _HostRunning:
+    """Running statistics on the host for a call on the GPU: the batch's statistics come out on
+    the call's stream, and fastbn.cpu updates them."""
+
+    NAME = "cpu"
+    update_running = staticmethod(cpu.update_running)
+
+    def __init__(self, steps):
+        self._steps = steps
+
+    def per_channel(self, values, channels):
+        if isinstance(values, np.ndarray):
+            return values.astype(np.float64, copy=False)
+        return self._steps.to_host(values)
 
 
-def per_channel(values, channels, fill=None, copy=False):
-    """``(C,)`` values as a float64 device array; ``None`` gives ``fill`` everywhere (or None).
+class Steps:
+    """The device interface for one call: every launch and copy on ``stream`` (a Numba stream,
+    or 0 for the default stream), on GPU ``gpu`` (None: the current one), the float64 vectors
+    from one scratch allocation (``scratch=False``: one allocation each)."""
 
-    A float64 device array is returned as it is unless ``copy``; others are converted on the
-    device, NumPy arrays copied in.
-    """
-    if values is None:
-        return None if fill is None else cuda.to_device(np.full(channels, fill, np.float64))
-    if isinstance(values, np.ndarray):
-        return cuda.to_device(np.asarray(values, np.float64))
-    values = device_view(values)
-    if values.dtype == np.float64 and not copy:
-        return values
-    target = cuda.device_array(channels, np.float64)
-    _cast[_grid(channels)](values, target)
-    return target
+    NAME = NAME
 
+    def __init__(self, stream=0, gpu=None, scratch=True):
+        self.stream = stream
+        self.gpu = gpu
+        self._scratch = _Scratch() if scratch else None
 
-def to_host(a):
-    """``a`` copied to a NumPy array."""
-    return a.copy_to_host()
+    def _take(self, shape):
+        if self._scratch is None:
+            return cuda.device_array(shape, np.float64)
+        return self._scratch.take(shape)
 
+    def _copy_stream(self):
+        """The stream of a copy to the device: the call's, or Numba's default stream as an object,
+        so that the copy does not wait for the host either (a copy from pageable memory is staged
+        before it returns)."""
+        return self.stream or (0 if _SIMULATOR else cuda.default_stream())
 
-def moments(x3):
-    """Statistics: per-channel float64 ``(shift, delta, M2)`` of ``x3``, on the device.
+    def _vectors(self, count, channels):
+        return [self._take(channels) for _ in range(count)]
 
-    ``shift`` is one value of each channel (its first), ``delta`` the mean minus it, ``M2`` the
-    sum of squared deviations from the mean.
-    """
-    outer, channels, inner = x3.shape
-    if x3.size == 0:
-        return _zeros(channels), _zeros(channels), _zeros(channels)
-    shift = _shift(x3)
-    kernels, planar, piece, pieces, grid, block = _reduce_launch(x3)
-    counts, means, m2s = _empty((pieces, channels), 3)
-    if planar:
-        kernels[0][grid, block](x3, shift, piece, counts, means, m2s)
-    else:
-        kernels[1][grid, block](x3.reshape(outer, channels), shift, piece, counts, means, m2s)
-    delta, m2 = _empty(channels, 2)
-    _merge_moments[_grid(channels)](counts, means, m2s, delta, m2)
-    return shift, delta, m2
+    def _launch(self, kernel, grid, block, *args):
+        # numba.cuda warns of every grid under 128 blocks, which the per-channel kernels are by
+        # design: silenced for these launches only.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NumbaPerformanceWarning)
+            configured = kernel[grid, block, self.stream]
+        configured(*args)
 
+    def bound(self, a):
+        """``a`` bound to the call's stream, which its __cuda_array_interface__ then names."""
+        return a.bind(self.stream) if self.stream else a
 
-def forward_map(x3, y3, shift, delta, m2, gamma, beta, eps):
-    """Training forward's map from ``moments(x3)``, centred about the shift as on the CPU;
-    returns the device ``(mean, biased var, invstd)``."""
-    outer, channels, inner = x3.shape
-    count = float(outer * inner)
-    launch = _grid(channels)
-    mean, var, invstd, scale, bias = _empty(channels, 5)
-    _mean_and_var[launch](shift, delta, m2, count, mean, var)
-    _forward_maps[launch](delta, m2, count, gamma, beta, eps, invstd, scale, bias)
-    _affine_map(x3, y3, shift, scale, bias)
-    return mean, var, invstd
+    def running_steps(self, running_mean):
+        """Where the running statistics are updated: here, or on the host (NumPy arrays)."""
+        return _HostRunning(self) if isinstance(running_mean, np.ndarray) else self
 
+    def view(self, x, axis):
+        """The ``(outer, C, inner)`` view of arrays laid out like ``x``, in C order (a CUDA array
+        is C-contiguous; a NumPy one is copied in C-contiguous)."""
+        view = ChannelView(x, axis, in_memory_order=False)
+        if self._scratch is not None:
+            self._scratch.expect(_scratch_size(view.shape))
+        return view
 
-def normalize_with(x3, y3, mean, var, gamma, beta, eps):
-    """The map with given statistics (eval, ``fastbn.normalize``); returns device ``invstd``."""
-    channels = x3.shape[1]
-    invstd, scale, bias = _empty(channels, 3)
-    _forward_maps[_grid(channels)](_zeros(channels), var, 1.0, gamma, beta, eps, invstd, scale,
-                                   bias)
-    _affine_map(x3, y3, mean, scale, bias)
-    return invstd
+    @_on_its_gpu
+    def operands(self, view, *arrays):
+        """The arrays as the kernels read them: device views, NumPy arrays copied in."""
+        return [cuda.to_device(view.of(a), stream=self._copy_stream()) if isinstance(a, np.ndarray)
+                else view.of(a) for a in arrays]
 
+    @_on_its_gpu
+    def output(self, view, out, like):
+        """Where a result of ``like``'s shape goes: ``out`` (possibly ``like`` itself) or a new
+        device array."""
+        return _Output(self, view, out, like)
 
-def gradient_sums(dy3, x3, mean):
-    """Device ``(Σdy, Σdy·(x − mean))`` per channel, float64, in one pass over dy and x."""
-    outer, channels, inner = x3.shape
-    if x3.size == 0:
-        return _zeros(channels), _zeros(channels)
-    kernels, planar, piece, pieces, grid, block = _reduce_launch(x3)
-    parts = _empty((pieces, channels), 2)
-    if planar:
-        kernels[2][grid, block](dy3, x3, mean, piece, *parts)
-    else:
-        flat = (outer, channels)
-        kernels[3][grid, block](dy3.reshape(flat), x3.reshape(flat), mean, piece, *parts)
-    totals = _empty(channels, 2)
-    _add_partials[_grid(channels)](*parts, *totals)
-    return tuple(totals)
+    @_on_its_gpu
+    def per_channel(self, values, channels, fill=None, copy=False):
+        """``(C,)`` values as a float64 device array; ``None`` gives ``fill`` everywhere (or None).
 
+        A float64 device array is returned as it is unless ``copy``; others are converted on the
+        device, NumPy arrays copied in (on the call's stream: no wait for the device).
+        """
+        if values is None:
+            return None if fill is None else _constant(float(fill), channels)
+        target = self._take(channels)
+        if isinstance(values, np.ndarray):
+            target.copy_to_device(np.ascontiguousarray(values, np.float64),
+                                  stream=self._copy_stream())
+            return target
+        values = device_view(values)
+        if values.dtype == np.float64 and not copy:
+            return values
+        self._launch(_cast, *_grid(channels), values, target)
+        return target
 
-def backward_map(dy3, x3, dx3, mean, invstd, gamma, sum_dy, sum_dy_xmu, count, training):
-    """``dx`` into ``dx3`` from the device sums over the batch of ``count`` values per channel
-    that the statistics came from (x's own, or a larger batch that x is part of)."""
-    channels = x3.shape[1]
-    if x3.size == 0:
-        return
-    p, q, r = _empty(channels, 3)
-    _backward_maps[_grid(channels)](sum_dy, sum_dy_xmu, float(count), gamma, invstd, p, q, r)
-    if training:
+    @_on_its_gpu
+    def to_host(self, a, *more):
+        """``a`` copied to a NumPy array, once the call's work on it is done; with ``more``
+        arrays, a list of copies."""
+        copies = [b.copy_to_host(stream=self.stream) for b in (a, *more)]
+        if self.stream:
+            self.stream.synchronize()
+        return copies if more else copies[0]
+
+    @_on_its_gpu
+    def moments(self, x3):
+        """Statistics: per-channel float64 ``(shift, delta, M2)`` of ``x3``, on the device.
+
+        ``shift`` is one value of each channel (its first), ``delta`` the mean minus it, ``M2`` the
+        sum of squared deviations from the mean.
+        """
+        outer, channels, _ = x3.shape
+        if x3.size == 0:
+            zeros = _constant(0.0, channels)
+            return zeros, zeros, zeros
+        shift, delta, m2 = self._vectors(3, channels)
+        self._launch(_first_values, *_grid(channels), x3, shift)
+        kernels, planar, piece, pieces, grid, block = _reduce_launch(x3)
+        parts = [self._take((pieces, channels)) for _ in range(3)]
+        if planar:
+            self._launch(kernels[0], grid, block, x3, shift, piece, *parts)
+        else:
+            self._launch(kernels[1], grid, block, x3.reshape(outer, channels), shift, piece,
+                         *parts)
+        self._launch(_merge_moments, *_grid(channels), *parts, delta, m2)
+        return shift, delta, m2
+
+    def _affine_map(self, x3, y3, shift, scale, bias):
+        """``y = scale·(x − shift) + bias`` per channel, written into ``y3``."""
+        if x3.size == 0:
+            return
         x, planar = _as_rows(x3)
-        _grad_map[_map_launch(x)](_as_rows(dx3)[0], _as_rows(dy3)[0], x, channels, planar, mean,
-                                  p, q, r)
-    else:
-        zeros = _zeros(channels)
-        _affine_map(dy3, dx3, zeros, p, zeros)
+        grid, block, per_row = _map_launch(x)
+        self._launch(_affine, grid, block, _as_rows(y3)[0], x, x, x3.shape[1], planar, shift,
+                     scale, scale, bias, per_row)
+
+    @_on_its_gpu
+    def forward_map(self, x3, y3, shift, delta, m2, gamma, beta, eps):
+        """Training forward's map from ``moments(x3)``, centred about the shift as on the CPU;
+        returns the device ``(mean, biased var, invstd)``."""
+        outer, channels, inner = x3.shape
+        mean, var, invstd, scale, bias = self._vectors(5, channels)
+        self._launch(_forward_maps, *_grid(channels), shift, delta, m2, float(outer * inner),
+                     gamma, beta, eps, mean, var, invstd, scale, bias)
+        self._affine_map(x3, y3, shift, scale, bias)
+        return mean, var, invstd
+
+    @_on_its_gpu
+    def normalize_with(self, x3, y3, mean, var, gamma, beta, eps):
+        """The map with given statistics (eval, ``fastbn.normalize``); returns device
+        ``invstd``."""
+        channels = x3.shape[1]
+        same_mean, same_var, invstd, scale, bias = self._vectors(5, channels)
+        self._launch(_forward_maps, *_grid(channels), mean, _constant(0.0, channels), var, 1.0,
+                     gamma, beta, eps, same_mean, same_var, invstd, scale, bias)
+        self._affine_map(x3, y3, mean, scale, bias)
+        return invstd
+
+    @_on_its_gpu
+    def gradient_sums(self, dy3, x3, mean):
+        """Device ``(Σdy, Σdy·(x − mean))`` per channel, float64, in one pass over dy and x."""
+        outer, channels, _ = x3.shape
+        if x3.size == 0:
+            zeros = _constant(0.0, channels)
+            return zeros, zeros
+        kernels, planar, piece, pieces, grid, block = _reduce_launch(x3)
+        parts = [self._take((pieces, channels)) for _ in range(2)]
+        if planar:
+            self._launch(kernels[2], grid, block, dy3, x3, mean, piece, *parts)
+        else:
+            flat = (outer, channels)
+            self._launch(kernels[3], grid, block, dy3.reshape(flat), x3.reshape(flat), mean,
+                         piece, *parts)
+        totals = self._vectors(2, channels)
+        self._launch(_add_partials, *_grid(channels), *parts, *totals)
+        return tuple(totals)
+
+    @_on_its_gpu
+    def backward_map(self, dy3, x3, dx3, mean, invstd, gamma, sum_dy, sum_dy_xmu, count,
+                     training):
+        """``dx`` into ``dx3`` from the device sums over the batch of ``count`` values per channel
+        that the statistics came from (x's own, or a larger batch that x is part of)."""
+        channels = x3.shape[1]
+        if x3.size == 0:
+            return
+        p, q, r = self._vectors(3, channels)
+        self._launch(_backward_maps, *_grid(channels), sum_dy, sum_dy_xmu, float(count), gamma,
+                     invstd, p, q, r)
+        if training:
+            x, planar = _as_rows(x3)
+            grid, block, per_row = _map_launch(x)
+            self._launch(_grad_map, grid, block, _as_rows(dx3)[0], _as_rows(dy3)[0], x, channels,
+                         planar, mean, p, q, r, per_row)
+        else:
+            zeros = _constant(0.0, channels)
+            self._affine_map(dy3, dx3, zeros, p, zeros)
+
+    @_on_its_gpu
+    def parameter_gradients(self, sum_dy, sum_dy_xmu, invstd, dtype):
+        """Device ``(dgamma, dbeta) = (Σdy·x̂, Σdy)`` in ``dtype`` (rows of one allocation)."""
+        both = cuda.device_array((2, sum_dy.size), dtype)
+        self._launch(_parameter_gradients, *_grid(sum_dy.size), sum_dy, sum_dy_xmu, invstd,
+                     both[0], both[1])
+        return both[0], both[1]
+
+    @_on_its_gpu
+    def update_running(self, running_mean, running_var, mean, var, momentum, unbias):
+        """PyTorch's update, in place on the device, in the running arrays' dtype:
+        ``running = (1 − momentum)·running + momentum·batch``, with the unbiased ``var·unbias``."""
+        self._launch(_update_running, *_grid(mean.size), device_view(running_mean),
+                     device_view(running_var), mean, var, momentum, unbias)
 
 
-def parameter_gradients(sum_dy, sum_dy_xmu, invstd, dtype):
-    """Device ``(dgamma, dbeta) = (Σdy·x̂, Σdy)`` in ``dtype``."""
-    dgamma = cuda.device_array(sum_dy.size, dtype)
-    _product[_grid(sum_dy.size)](sum_dy_xmu, invstd, dgamma)
-    dbeta = cuda.device_array(sum_dy.size, dtype)
-    _cast[_grid(sum_dy.size)](sum_dy, dbeta)
-    return dgamma, dbeta
-
-
-def update_running(running_mean, running_var, mean, var, momentum, unbias):
-    """PyTorch's update, in place on the device, in the running arrays' dtype:
-    ``running = (1 − momentum)·running + momentum·batch``, with the unbiased ``var·unbias``."""
-    _update_running[_grid(mean.size)](device_view(running_mean), device_view(running_var), mean,
-                                      var, momentum, unbias)
+# The module's own steps: Numba's default stream on the current GPU, an allocation per vector.
+_default = Steps(scratch=False)
+view = _default.view
+operands = _default.operands
+output = _default.output
+per_channel = _default.per_channel
+to_host = _default.to_host
+moments = _default.moments
+forward_map = _default.forward_map
+normalize_with = _default.normalize_with
+gradient_sums = _default.gradient_sums
+backward_map = _default.backward_map
+parameter_gradients = _default.parameter_gradients
+update_running = _default.update_running
 
 
 def available():

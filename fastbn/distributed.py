@@ -81,12 +81,13 @@ def _exchange(comm, mine, failure=None):
 
 
 def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=None,
-            running_var=None, momentum=0.1, eps=1e-5, out=None, device=None, comm=None):
+            running_var=None, momentum=0.1, eps=1e-5, out=None, device=None, comm=None,
+            stream=None):
     """``fastbn.forward`` with the statistics of the global batch: every rank's x together.
 
     Parameters
     ----------
-    x, gamma, beta, axis, training, running_mean, running_var, momentum, eps, out, device
+    x, gamma, beta, axis, training, running_mean, running_var, momentum, eps, out, device, stream
         As for ``fastbn.forward``. x is this rank's slice of the batch, any size (empty too);
         training needs more than one value per channel in the global batch. ``training`` must be
         the same on every rank.
@@ -106,14 +107,15 @@ def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=Non
         training = internal.flag("training", training)
         if training:
             call = internal.check_forward(x, gamma, beta, axis, True, running_mean, running_var,
-                                          momentum, eps, out, device, own_statistics=False)
+                                          momentum, eps, out, device, own_statistics=False,
+                                          stream=stream)
             mine = internal.batch_moments(call.device, call.x, call.axis)
     except Exception as error:  # the other ranks learn of it in the exchange, and raise too
         _exchange(comm, None, error)
     if not training:  # running statistics: nothing to exchange
         return internal.forward(x, gamma, beta, axis=axis, training=False, running_mean=running_mean,
                             running_var=running_var, momentum=momentum, eps=eps, out=out,
-                            device=device)
+                            device=device, stream=stream)
     # every rank's Moments, made by fastbn there, of one agreed layout: merged unchecked
     total = internal.merge(_exchange(comm, (_layout(call.x, call.axis), mine)))
     if total.count.size and total.count[0] < 2:
@@ -124,12 +126,12 @@ def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=Non
 
 
 def backward(dy, x, stats, gamma=None, *, axis=1, training=True, out=None, device=None,
-             comm=None):
+             comm=None, stream=None):
     """``fastbn.backward`` through the statistics of the global batch.
 
     Parameters
     ----------
-    dy, x, stats, gamma, axis, training, out, device
+    dy, x, stats, gamma, axis, training, out, device, stream
         As for ``fastbn.backward``: this rank's slices, and the stats that ``forward`` returned.
         ``training`` must be the same on every rank.
     comm : mpi4py communicator, optional
@@ -146,12 +148,12 @@ def backward(dy, x, stats, gamma=None, *, axis=1, training=True, out=None, devic
     try:
         training = internal.flag("training", training)
         if training:
-            call = internal.check_backward(dy, x, stats, gamma, axis, True, out, device)
+            call = internal.check_backward(dy, x, stats, gamma, axis, True, out, device, stream)
     except Exception as error:
         _exchange(comm, None, error)
     if not training:  # constant statistics: nothing couples the ranks
         return internal.backward(dy, x, stats, gamma, axis=axis, training=False, out=out,
-                             device=device)
+                             device=device, stream=stream)
 
     def add(sum_dy, sum_dy_xmu, count):
         everyone = _exchange(comm, (_layout(call.x, call.axis), (sum_dy, sum_dy_xmu, count)))

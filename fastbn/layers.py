@@ -27,6 +27,9 @@ class BatchNorm:
         batch's statistics in eval mode too.
     dtype : float32 or float64
         The dtype of the parameters and running statistics.
+    stream : CUDA stream, optional
+        The stream the layer's GPU calls run on (attribute ``stream``, which may be changed
+        between calls); see ``fastbn.forward``. Ignored on the CPU.
 
     Attributes
     ----------
@@ -41,7 +44,7 @@ class BatchNorm:
     """
 
     def __init__(self, num_features, *, axis=1, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, dtype=np.float32):
+                 track_running_stats=True, dtype=np.float32, stream=None):
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) \
                 or num_features < 1:
             raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
@@ -66,6 +69,7 @@ class BatchNorm:
         self.running_mean = np.zeros(channels, dtype) if track_running_stats else None
         self.running_var = np.ones(channels, dtype) if track_running_stats else None
         self.num_batches_tracked = 0 if track_running_stats else None
+        self.stream = stream
         self.training = True
         self.dgamma = self.dbeta = None
         self._saved = None  # (x, stats, whether the statistics were the batch's)
@@ -103,7 +107,8 @@ class BatchNorm:
         y, stats = self._forward(x, gamma=self.gamma, beta=self.beta, axis=self.axis,
                                  training=batch_stats, running_mean=running[0],
                                  running_var=running[1],
-                                 momentum=0.0 if momentum is None else momentum, eps=self.eps)
+                                 momentum=0.0 if momentum is None else momentum, eps=self.eps,
+                                 stream=self.stream)
         if updating:
             self.num_batches_tracked += 1
         self._saved = x, stats, batch_stats
@@ -115,7 +120,7 @@ class BatchNorm:
             raise RuntimeError("backward needs a forward first: it differentiates the last one")
         x, stats, batch_stats = self._saved
         dx, dgamma, dbeta = self._backward(dy, x, stats, self.gamma, axis=self.axis,
-                                           training=batch_stats)
+                                           training=batch_stats, stream=self.stream)
         if self.affine:
             self.dgamma, self.dbeta = dgamma, dbeta
         return dx

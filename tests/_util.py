@@ -24,7 +24,7 @@ CPU_SMALL_BLOCKS = {"CHUNK": 16, "TILE_ROWS": 3, "SEGMENT": 40, "COLUMN_BLOCK": 
                     "PARALLEL_MIN": 0}
 # The same for the GPU kernels (fastbn.cuda): several blocks per channel and the grid-level
 # merge. Used under Numba's CUDA simulator only; a real GPU runs its default sizes.
-GPU_SMALL_BLOCKS = {"THREADS": 8, "COLUMNS": 4, "CHUNK": 20, "SEGMENT": 5}
+GPU_SMALL_BLOCKS = {"THREADS": 8, "COLUMNS": 4, "CHUNK": 20, "SEGMENT": 5, "TILE": 2}
 
 TOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-10}
 DTYPES = (np.float32, np.float64)

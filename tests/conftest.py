@@ -13,6 +13,9 @@ from _util import CPU_SMALL_BLOCKS, shrink_blocks  # noqa: E402
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "default_blocks: run with fastbn.cpu's default block sizes (not shrunk)")
+    config.addinivalue_line(
+        "markers", "production_blocks: run with fastbn.cuda's default block sizes, also under "
+                   "the CUDA simulator (tests/cuda_cases.py)")
 
 
 @pytest.fixture(autouse=True)

@@ -22,9 +22,11 @@ from _util import (GPU_SMALL_BLOCKS, assert_close, each_dtype, each_layout, make
 
 
 @pytest.fixture(autouse=True)
-def small_gpu_blocks(monkeypatch):
-    """Under the simulator, fastbn.cuda's block sizes shrunk to GPU_SMALL_BLOCKS."""
-    if numba.config.ENABLE_CUDASIM:
+def small_gpu_blocks(request, monkeypatch):
+    """Under the simulator, fastbn.cuda's block sizes shrunk to GPU_SMALL_BLOCKS (except in tests
+    marked production_blocks)."""
+    production = request.node.get_closest_marker("production_blocks") is not None
+    if numba.config.ENABLE_CUDASIM and not production:
         shrink_blocks(monkeypatch, fastbn.cuda, GPU_SMALL_BLOCKS)
 
 

@@ -13,9 +13,11 @@ WHERE, ENV = gpu_env()
 
 @pytest.mark.parametrize("where", [WHERE])
 def test_gpu_cases(where):
-    """Every case of tests/cuda_cases.py passes, none skipped."""
+    """Every case of tests/cuda_cases.py and tests/cuda_interface_cases.py passes, none
+    skipped."""
     proc = run_python("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/cuda_cases.py",
-                      env=dict(ENV, FASTBN_DEVICE=None), timeout=1800, check=False)
+                      "tests/cuda_interface_cases.py", env=dict(ENV, FASTBN_DEVICE=None),
+                      timeout=1800, check=False)
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     assert proc.returncode == 0 and "passed" in summary and "skipped" not in summary, (
         f"tests/cuda_cases.py on the {where}:\n{proc.stdout[-8000:]}\n{proc.stderr[-3000:]}")

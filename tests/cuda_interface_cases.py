@@ -1,0 +1,390 @@
+"""GPU cases for what the simulator does not show by itself: streams, the GPU a call runs on,
+``__cuda_array_interface__`` producers (tests/fake_cuda.py), host synchronization and
+allocations, and the production block sizes. Run with tests/cuda_cases.py by tests/test_cuda.py,
+in a process of its own, on a GPU or under Numba's CUDA simulator.
+"""
+import functools
+import warnings
+
+import numba
+import numpy as np
+import pytest
+import reference
+from _util import assert_close, each_mode, make_case, tol_for
+from cuda_cases import small_gpu_blocks  # noqa: F401 - the same autouse fixture here
+from fake_cuda import FakeCudaArray, new_stream
+from numba import cuda
+from numba.core.errors import NumbaPerformanceWarning
+
+import fastbn
+import fastbn.cuda
+from fastbn._arrays import interface
+from fastbn.cases import host, on_device
+
+handle = fastbn.cuda._handle  # a stream's identity: its handle
+
+
+class Recorder:
+    """Records, while active, every kernel launch, copy between host and device, event and host
+    synchronization fastbn makes, as ``(what, stream handle)``; and counts device allocations."""
+
+    def __init__(self, monkeypatch):
+        self.log, self.allocations, self._monkeypatch, self.active = [], 0, monkeypatch, False
+        kernel_type = type(fastbn.cuda._cast)
+        configure = kernel_type.__getitem__
+
+        def launch(kernel, configuration):
+            self._note("launch", configuration[2] if len(configuration) > 2 else 0)
+            return configure(kernel, configuration)
+
+        monkeypatch.setattr(kernel_type, "__getitem__", launch)
+        array_type = type(cuda.device_array(1))
+        for method in ("copy_to_host", "copy_to_device"):
+            self._wrap(array_type, method, lambda *args, stream=0, **kw: stream, method)
+        self._wrap(fastbn.cuda.cuda, "to_device", lambda *args, stream=0, **kw: stream, "copy in")
+        self._wrap(fastbn.cuda.cuda, "synchronize", lambda: "host", "synchronize")
+        self._wrap(fastbn.cuda._SimulatedStream, "synchronize", lambda stream: stream,
+                   "synchronize")
+        self._wrap(fastbn.cuda.cuda, "device_array", None, "allocate")
+        self._wrap(fastbn.cuda.cuda, "event", None, "event")
+
+    def _note(self, what, stream):
+        if self.active:
+            self.log.append((what, "host" if stream == "host" else handle(stream)))
+
+    def _wrap(self, owner, name, stream_of, what):
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            if stream_of is not None:
+                self._note(what, stream_of(*args, **kwargs))
+            elif self.active and what == "allocate":
+                self.allocations += 1
+            result = original(*args, **kwargs)
+            return _RecordedEvent(result, self) if what == "event" else result
+        self._monkeypatch.setattr(owner, name, wrapper)
+
+    def __enter__(self):
+        self.active = True
+        return self
+
+    def __exit__(self, *exc):
+        self.active = False
+
+    def kinds(self):
+        return {kind for kind, _ in self.log}
+
+    def streams(self, what=None):
+        return {stream for kind, stream in self.log if what is None or kind == what}
+
+
+class _RecordedEvent:
+    def __init__(self, event, recorder):
+        self._event, self._recorder = event, recorder
+
+    def record(self, stream=0):
+        self._recorder._note("event recorded", stream)
+        self._event.record(stream=stream)
+
+    def wait(self, stream=0):
+        self._recorder._note("event waited", stream)
+        self._event.wait(stream=stream)
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    return Recorder(monkeypatch)
+
+
+def stream_of(a):
+    """The handle of the stream a device array is bound to (0: none)."""
+    return handle(a.stream)
+
+
+# -- the bug: strided host running statistics with a CUDA x -------------------------------------
+
+
+@each_mode
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_strided_host_running_statistics(training, dtype, rng):
+    x, _, gamma, beta, rm, rv = make_case(rng, (5, 3, 8), 1, np.float64)
+    rm_spread, rv_spread = np.zeros(6, dtype), np.zeros(6, dtype)
+    rm_spread[::2], rv_spread[::2] = rm, rv
+    y, stats = fastbn.forward(cuda.to_device(x), gamma, beta, training=training,
+                              running_mean=rm_spread[::2], running_var=rv_spread[::2])
+    ry, _, rinvstd, rrm, rrv = reference.forward(x, gamma, beta, 1, training, rm.astype(dtype),
+                                                 rv.astype(dtype))
+    assert_close(host(y), ry, 1e-10, "y")
+    assert_close(host(stats.invstd), rinvstd, tol_for(dtype), "invstd")
+    assert_close(rm_spread[::2], rrm, tol_for(dtype), "running_mean")
+    assert_close(rv_spread[::2], rrv, tol_for(dtype), "running_var")
+    assert not rm_spread[1::2].any() and not rv_spread[1::2].any(), "the gaps were written"
+
+
+# -- __cuda_array_interface__ producers ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("strides", [None, "explicit"], ids=["strides None", "strides given"])
+@each_mode
+def test_interface_arrays_match_the_reference(strides, training, rng):
+    x, dy, gamma, beta, rm, rv = make_case(rng, (6, 3, 10), 1, np.float32)
+    fx, fdy = FakeCudaArray(x, strides), FakeCudaArray(dy, strides)
+    fgamma, fbeta = FakeCudaArray(gamma, strides), FakeCudaArray(beta, strides)
+    frm, frv = FakeCudaArray(rm, strides), FakeCudaArray(rv, strides)
+    y, stats = fastbn.forward(fx, fgamma, fbeta, training=training, running_mean=frm,
+                              running_var=frv)
+    ry, rmean, rinvstd, rrm, rrv = reference.forward(x, gamma, beta, 1, training, rm, rv)
+    tol = tol_for(np.float32)
+    assert_close(host(y), ry, tol, "y")
+    assert_close(frm.host(), rrm, 1e-12, "running_mean, updated in place through the interface")
+    assert_close(frv.host(), rrv, 1e-12, "running_var")
+    dx, dgamma, dbeta = fastbn.backward(fdy, fx, stats, fgamma, training=training)
+    rdx, rdgamma, rdbeta = reference.backward(dy, x, rmean, rinvstd, gamma, 1, training)
+    assert_close(host(dx), rdx, tol, "dx")
+    assert_close(host(dgamma), rdgamma, tol, "dgamma")
+    assert_close(host(dbeta), rdbeta, tol, "dbeta")
+    assert_close(fx.host(), x, 0, "x is read, never written")
+
+
+def test_strided_interface_running_statistics(rng):
+    x, _, gamma, beta, rm, rv = make_case(rng, (6, 3, 10), 1, np.float64)
+    frm, frv = FakeCudaArray(rm, every=2), FakeCudaArray(rv, every=2)
+    fastbn.forward(FakeCudaArray(x), gamma, beta, running_mean=frm, running_var=frv)
+    rrm, rrv = reference.forward(x, gamma, beta, 1, True, rm, rv)[3:]
+    assert_close(frm.host(), rrm, 1e-12, "running_mean")
+    assert_close(frv.host(), rrv, 1e-12, "running_var")
+    assert not frm.base.copy_to_host()[1::2].any(), "the gaps were written"
+    spread = FakeCudaArray(x.ravel(), every=2)
+    spread.described.update(shape=x.shape, strides=tuple(2 * s for s in x.strides))
+    with pytest.raises(ValueError, match=r"x .*must be C-contiguous"):
+        fastbn.forward(spread)
+
+
+def test_read_only_interface_arrays(rng):
+    x, _, gamma, beta, rm, rv = make_case(rng, (4, 3, 9), 1, np.float64)
+    fx = FakeCudaArray(x, read_only=True)
+    frm, frv = FakeCudaArray(rm, read_only=True), FakeCudaArray(rv, read_only=True)
+    y, _ = fastbn.forward(fx, gamma, beta, training=False, running_mean=frm, running_var=frv)
+    assert_close(host(y), reference.forward(x, gamma, beta, 1, False, rm, rv)[0], 1e-10, "y")
+    out = FakeCudaArray(np.zeros_like(x), read_only=True)
+    with pytest.raises(ValueError, match="out is read-only"):
+        fastbn.forward(fx, gamma, beta, out=out)
+    with pytest.raises(ValueError, match="running_mean .*read-only"):
+        fastbn.forward(fx, gamma, beta, running_mean=frm, running_var=frv)
+    for fake, values in ((out, np.zeros_like(x)), (frm, rm), (frv, rv), (fx, x)):
+        assert fake.host().tobytes() == values.tobytes(), "a refused call wrote an argument"
+
+
+# -- streams ------------------------------------------------------------------------------------
+
+
+def _ops(rng):
+    """``{name: op(stream) -> device arrays it returns}`` on one case: every public function
+    that runs on the GPU, with host and device parameters, host and device running statistics."""
+    x, dy, gamma, beta, rm, rv = make_case(rng, (5, 3, 12), 1, np.float32)
+    xd, dyd, gd, bd, rmd, rvd = on_device(x, dy, gamma.astype(np.float32), beta, rm, rv)
+    stats = fastbn.forward(xd)[1]
+    total = fastbn.moments(x)
+
+    def layer(stream):
+        bn = fastbn.BatchNorm(3, stream=stream)
+        y = bn(xd)
+        return y, bn.backward(dyd)
+
+    return {
+        "train forward, host parameters and statistics": lambda s: fastbn.forward(
+            xd, gamma, beta, running_mean=rm.copy(), running_var=rv.copy(), stream=s),
+        "train forward, device ones": lambda s: fastbn.forward(
+            xd, gd, bd, running_mean=rmd, running_var=rvd, stream=s),
+        "train forward, no parameters": lambda s: fastbn.forward(xd, stream=s),
+        "eval forward": lambda s: fastbn.forward(xd, gd, None, training=False, running_mean=rm,
+                                                 running_var=rv, stream=s),
+        "eval forward, device statistics": lambda s: fastbn.forward(
+            xd, training=False, running_mean=rmd, running_var=rvd, stream=s),
+        "train backward": lambda s: fastbn.backward(dyd, xd, stats, gd, stream=s),
+        "eval backward": lambda s: fastbn.backward(dyd, xd, stats, training=False, stream=s),
+        "moments": lambda s: fastbn.moments(xd, stream=s),
+        "normalize": lambda s: fastbn.normalize(xd, total, gd, bd, running_mean=rmd,
+                                                running_var=rvd, stream=s),
+        "NumPy arrays on the GPU": lambda s: fastbn.forward(x, gamma, beta, device="cuda",
+                                                            stream=s),
+        "BatchNorm layer": layer,
+    }
+
+
+def _device_results(result):
+    """The device arrays among an op's results (nested tuples flattened)."""
+    if isinstance(result, tuple):
+        return [a for part in result for a in _device_results(part)]
+    return [] if isinstance(result, np.ndarray) else [result]
+
+
+@pytest.mark.parametrize("given", ["numba stream", "integer handle", "__cuda_stream__",
+                                   "cuda_stream"])
+def test_the_stream_reaches_every_launch_and_copy(given, recorder, rng):
+    stream, number = new_stream()
+    argument = {"numba stream": stream if stream is not None else cuda.stream(),
+                "integer handle": number,
+                "__cuda_stream__": type("S", (), {"__cuda_stream__": lambda self: (0, number)})(),
+                "cuda_stream": type("T", (), {"cuda_stream": number})()}[given]
+    expected = handle(argument) if given == "numba stream" else number
+    ops = _ops(rng)
+    if given != "numba stream":  # every op once is enough; the other kinds of stream on one
+        ops = {name: ops[name] for name in ("train forward, host parameters and statistics",
+                                            "train backward")}
+    for name, op in ops.items():
+        op(argument)  # the first call of a size makes its constants: no stream for those
+        recorder.log.clear()
+        with recorder:
+            results = op(argument)
+        assert recorder.streams("launch") == {expected}, name
+        assert recorder.streams() <= {expected}, (name, recorder.log)
+        for a in _device_results(results):
+            assert stream_of(a) == expected, f"{name}: a result is not bound to the stream"
+
+
+def test_the_producers_stream_is_honoured(recorder, rng):
+    x, dy, gamma, beta, _, _ = make_case(rng, (4, 3, 6), 1, np.float64)
+    alive, number = new_stream()  # a real stream lives while the test uses its handle
+    fx, fdy = FakeCudaArray(x, stream=number), FakeCudaArray(dy, stream=number)
+    fastbn.forward(fx, gamma, beta)
+    with recorder:
+        y, stats = fastbn.forward(fx, gamma, beta)
+        dx, dgamma, dbeta = fastbn.backward(fdy, fx, stats, gamma)
+    assert recorder.streams("launch") == {number}
+    assert recorder.streams() == {number}, recorder.log
+    for a in (y, *stats, dx, dgamma, dbeta):
+        assert stream_of(a) == number
+    assert_close(host(y), reference.forward(x, gamma, beta, 1)[0], 1e-10, "y")
+
+    # Another producer's stream is waited for on the device, and stream= wins over x's.
+    other_alive, other = (None, 8765) if numba.config.ENABLE_CUDASIM else new_stream()
+    mine = cuda.stream()
+    fgamma = FakeCudaArray(gamma, stream=other)
+    recorder.log.clear()
+    with recorder:
+        y, _ = fastbn.forward(fx, fgamma, beta, stream=mine)
+    assert recorder.streams("launch") == {handle(mine)}
+    assert ("event recorded", number) in recorder.log and ("event recorded", other) in recorder.log
+    assert recorder.streams("event waited") == {handle(mine)}
+    assert stream_of(y) == handle(mine)
+    del alive, other_alive
+
+
+def test_the_common_path_waits_for_nothing_and_allocates_once(recorder, rng):
+    """CUDA inputs, device parameters and statistics: no copy, no synchronization, and one
+    scratch allocation besides the results."""
+    x, dy, gamma, beta, rm, rv = make_case(rng, (6, 3, 10), 1, np.float32)
+    xd, dyd, gd, bd, rmd, rvd = on_device(x, dy, gamma.astype(np.float32), beta, rm, rv)
+    for gamma_d, beta_d in ((gd, bd), (None, None)):
+        stats = fastbn.forward(xd, gamma_d, beta_d)[1]
+        calls = {"train forward": (fastbn.forward, (xd, gamma_d, beta_d),
+                                   {"running_mean": rmd, "running_var": rvd}),
+                 "eval forward": (fastbn.forward, (xd, gamma_d, beta_d),
+                                  {"training": False, "running_mean": rmd, "running_var": rvd}),
+                 "backward": (fastbn.backward, (dyd, xd, stats, gamma_d), {})}
+        for name, (op, args, options) in calls.items():
+            call = functools.partial(op, *args, **options)
+            call()  # the first call of a size makes its constants
+            recorder.log.clear()
+            recorder.allocations = 0
+            with recorder:
+                call()
+            assert recorder.kinds() == {"launch"}, (name, recorder.log)
+            assert recorder.streams() == {0}, (name, recorder.log)
+            assert recorder.allocations == (3 if name == "backward" else 2), (
+                f"{name}: the results (dgamma and dbeta together) and one scratch allocation")
+
+
+def test_stream_argument_errors(rng):
+    x, _, gamma, beta, rm, rv = make_case(rng, (4, 3, 5), 1, np.float32)
+    xd, rmd, rvd = on_device(x, rm, rv)
+    for bad, error, message in (("default", TypeError, "stream must be a CUDA stream"),
+                                (2.0, TypeError, "got float"), (True, TypeError, "got bool"),
+                                (-1, ValueError, "stream handle")):
+        with pytest.raises(error, match=message):
+            fastbn.forward(xd, gamma, beta, running_mean=rmd, running_var=rvd, stream=bad)
+    assert host(rmd).tobytes() == rm.tobytes() and host(rvd).tobytes() == rv.tobytes()
+    y, _ = fastbn.forward(xd, stream=0)  # 0: the default stream
+    assert stream_of(y) == 0
+
+
+# -- the GPU a call runs on ----------------------------------------------------------------------
+
+
+def test_choose_gpu():
+    assert fastbn.cuda.choose_gpu({}) is None
+    assert fastbn.cuda.choose_gpu({"x": None, "out": None}) is None
+    assert fastbn.cuda.choose_gpu({"x": 1, "gamma": None, "dy": 1}) == 1
+    with pytest.raises(ValueError, match="x on GPU 0, dy on GPU 2; copy them"):
+        fastbn.cuda.choose_gpu({"x": 0, "out": None, "dy": 2})
+
+
+def test_a_call_runs_where_its_arrays_live(monkeypatch, rng):
+    x, _, gamma, _, rm, rv = make_case(rng, (4, 3, 5), 1, np.float64)
+    fx, fgamma = FakeCudaArray(x), FakeCudaArray(gamma)
+    frm, frv = FakeCudaArray(rm), FakeCudaArray(rv)
+    pointer = interface(fgamma.base)["data"][0]
+    monkeypatch.setattr(fastbn.cuda, "_pointer_gpu", lambda p: 1 if p == pointer else 0)
+    with pytest.raises(ValueError, match=r"one GPU, got x on GPU 0, gamma on GPU 1, "
+                                         r"running_mean on GPU 0"):
+        fastbn.forward(fx, fgamma, running_mean=frm, running_var=frv)
+    assert frm.host().tobytes() == rm.tobytes() and frv.host().tobytes() == rv.tobytes()
+    stats = fastbn.BatchStats(*on_device(np.zeros(3), np.ones(3)))
+    with pytest.raises(ValueError, match="x on GPU 0, gamma on GPU 1"):
+        fastbn.backward(fx, fx, stats, fgamma)
+
+    monkeypatch.setattr(fastbn.cuda, "_pointer_gpu", lambda p: 1)
+    assert fastbn.cuda.for_call(x=fx, gamma=fgamma).gpu == 1, "the GPU that holds the data"
+    monkeypatch.setattr(fastbn.cuda, "_pointer_gpu", lambda p: 0)
+    assert fastbn.cuda.for_call(x=fx, gamma=fgamma).gpu is None, "the current GPU: no switch"
+
+
+# -- noise --------------------------------------------------------------------------------------
+
+
+def test_low_occupancy_warnings_are_silenced_for_fastbn_only(monkeypatch, rng):
+    kernel_type = type(fastbn.cuda._cast)
+    configure = kernel_type.__getitem__
+
+    def warn_then_configure(kernel, configuration):  # as numba.cuda does on a GPU
+        warnings.warn(NumbaPerformanceWarning("Grid size 1 will likely result in GPU "
+                                              "under-utilization due to low occupancy."))
+        return configure(kernel, configuration)
+
+    monkeypatch.setattr(kernel_type, "__getitem__", warn_then_configure)
+    xd = cuda.to_device(make_case(rng, (4, 3, 5), 1, np.float32)[0])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stats = fastbn.forward(xd)[1]
+        fastbn.backward(xd, xd, stats)
+        assert not caught, [str(w.message) for w in caught]
+        fastbn.cuda._cast[1, 1]  # someone else's launch still warns
+    assert [w.category for w in caught] == [NumbaPerformanceWarning]
+
+
+# -- the production block sizes -------------------------------------------------------------------
+
+
+@pytest.mark.production_blocks
+@pytest.mark.parametrize("shape,axis", [((2, 3, 7, 7), 1), ((3, 4, 4, 3), -1), ((70, 2), 1),
+                                        ((40, 1), 1)],
+                         ids=["NCHW 7x7", "NHWC C=3", "NxD C=2", "NxD C=1"])
+@each_mode
+def test_production_block_sizes(shape, axis, training, rng):
+    for name, value in (("THREADS", 256), ("COLUMNS", 32), ("CHUNK", 1 << 15), ("TILE", 32)):
+        assert getattr(fastbn.cuda, name) == value, f"{name} is not the production size"
+    x, dy, gamma, beta, rm, rv = make_case(rng, shape, axis, np.float64, offset=1e4)
+    xd, dyd, rmd, rvd = on_device(x, dy, rm, rv)
+    y, stats = fastbn.forward(xd, gamma, beta, axis=axis, training=training, running_mean=rmd,
+                              running_var=rvd)
+    ry, rmean, rinvstd, rrm, rrv = reference.forward(x, gamma, beta, axis, training, rm, rv)
+    assert_close(host(y), ry, 1e-10, "y")
+    assert_close(host(rmd), rrm, 1e-10, "running_mean")
+    assert_close(host(rvd), rrv, 1e-10, "running_var")
+    assert_close(host(stats.invstd), rinvstd, 1e-10, "invstd")
+    dx, dgamma, dbeta = fastbn.backward(dyd, xd, stats, gamma, axis=axis, training=training)
+    rdx, rdgamma, rdbeta = reference.backward(dy, x, rmean, rinvstd, gamma, axis, training)
+    assert_close(host(dx), rdx, 1e-10, "dx")
+    assert_close(host(dgamma), rdgamma, 1e-10, "dgamma")
+    assert_close(host(dbeta), rdbeta, 1e-10, "dbeta")
