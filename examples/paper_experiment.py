@@ -7,8 +7,13 @@ standing in for the paper's MNIST. Writes a PNG with (a) test accuracy against t
 (b) the 15th, 50th and 85th percentiles of one hidden unit's input (the last hidden layer's first
 unit, before its sigmoid) over training, without and with BN: the paper's Figure 1.
 
+The BN layers are fastbn's, or with ``--bn numpy`` the same layer written in plain NumPy (the
+textbook equations): the networks train alike, and the run prints the training steps per second
+of each.
+
     pip install -e ".[examples]"
-    python examples/paper_experiment.py [--steps 4000] [--out examples/paper_experiment.png]
+    python examples/paper_experiment.py [--steps 4000] [--bn {fastbn,numpy,both}]
+                                        [--out examples/paper_experiment.png]
 """
 import argparse
 import time
@@ -35,19 +40,61 @@ def sigmoid(z):
     return 1.0 / (1.0 + np.exp(-z))
 
 
+class NumpyBatchNorm:
+    """Batch norm over the batch axis of N×D inputs in plain NumPy (float32), with the parts of
+    ``fastbn.BatchNorm``'s interface this network uses: the speed baseline of ``--bn numpy``."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1):
+        self.gamma = np.ones(num_features, np.float32)
+        self.beta = np.zeros(num_features, np.float32)
+        self.running_mean = np.zeros(num_features, np.float32)
+        self.running_var = np.ones(num_features, np.float32)
+        self.eps, self.momentum, self.training = eps, momentum, True
+
+    def train(self, mode=True):
+        self.training = mode
+
+    def __call__(self, x):
+        if self.training:
+            mean, var = x.mean(axis=0), x.var(axis=0)
+            m = self.momentum
+            self.running_mean = (1 - m) * self.running_mean + m * mean
+            self.running_var = (1 - m) * self.running_var + m * var * len(x) / (len(x) - 1)
+        else:
+            mean, var = self.running_mean, self.running_var
+        self.invstd = 1 / np.sqrt(var + self.eps)
+        self.xhat = (x - mean) * self.invstd
+        return self.gamma * self.xhat + self.beta
+
+    def backward(self, dy):
+        self.dbeta = dy.sum(axis=0)
+        self.dgamma = (dy * self.xhat).sum(axis=0)
+        return self.gamma * self.invstd * (dy - self.dbeta / len(dy) - self.xhat * self.dgamma / len(dy))
+
+    def params(self):
+        return {"gamma": self.gamma, "beta": self.beta}
+
+    def grads(self):
+        return {"gamma": self.dgamma, "beta": self.dbeta}
+
+
+LAYERS = {"fastbn": fastbn.BatchNorm, "numpy": NumpyBatchNorm}
+
+
 class Network:
-    """Linear layers with sigmoids between them; with ``batch_norm``, BN before each sigmoid.
+    """Linear layers with sigmoids between them; with ``batch_norm``, BN before each sigmoid
+    (``layer``: a BN layer class of ``LAYERS``).
 
     Weights start as small Gaussians, as in the paper. With BN, a hidden layer has no bias: BN's
     beta takes its place.
     """
 
-    def __init__(self, sizes, batch_norm, rng):
+    def __init__(self, sizes, batch_norm, rng, layer=fastbn.BatchNorm):
         self.batch_norm = batch_norm
         self.weights = [rng.normal(0.0, 0.1, (n_in, n_out)).astype(np.float32)
                         for n_in, n_out in zip(sizes[:-1], sizes[1:])]
         self.biases = [np.zeros(n, np.float32) for n in sizes[1:]]
-        self.norms = [fastbn.BatchNorm(n) for n in sizes[1:-1]] if batch_norm else []
+        self.norms = [layer(n) for n in sizes[1:-1]] if batch_norm else []
 
     def train(self, mode=True):
         for bn in self.norms:
@@ -117,16 +164,20 @@ def accuracy(net, x, y):
     return float((predicted == y).mean())
 
 
-def train(batch_norm, learning_rate, steps, data, seed=0, every=50, progress=None):
-    """Train one network; returns ``{"step", "accuracy", "percentiles"}`` recorded every ``every``.
+def train(batch_norm, learning_rate, steps, data, seed=0, every=50, progress=None,
+          layer=fastbn.BatchNorm):
+    """Train one network; returns ``{"step", "accuracy", "percentiles"}`` recorded every
+    ``every``, and ``"steps_per_second"``: training steps (forward, backward, update) per second
+    of the time they took, evaluation left out.
 
     ``percentiles`` are the 15th, 50th and 85th percentiles of the last hidden layer's first
     unit's input over the test set, in eval mode (running statistics for BN).
     """
     x_train, y_train, x_test, y_test = data
     rng = np.random.default_rng(seed)
-    net = Network((x_train.shape[1], *HIDDEN, 10), batch_norm, rng)
+    net = Network((x_train.shape[1], *HIDDEN, 10), batch_norm, rng, layer)
     history = {"step": [], "accuracy": [], "percentiles": []}
+    training_time = 0.0
     for step in range(steps + 1):
         if step % every == 0:
             history["step"].append(step)
@@ -140,9 +191,12 @@ def train(batch_norm, learning_rate, steps, data, seed=0, every=50, progress=Non
         if step == steps:
             break
         batch = rng.integers(0, len(x_train), BATCH)
+        start = time.perf_counter()
         scores = net.forward(x_train[batch])
         for param, grad in net.backward(cross_entropy_gradient(scores, y_train[batch])):
             param -= learning_rate * grad
+        training_time += time.perf_counter() - start
+    history["steps_per_second"] = steps / training_time if training_time else None
     history["percentiles"] = np.array(history["percentiles"])
     history["network"] = net
     return history
@@ -178,34 +232,41 @@ def main():
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--learning-rate", type=float, default=0.5)
     parser.add_argument("--boost", type=float, default=5.0, help="the higher learning rate's factor")
+    parser.add_argument("--bn", choices=[*LAYERS, "both"], default="both",
+                        help="the BN layers: fastbn's, plain NumPy's, or both in turn (default)")
     parser.add_argument("--out", default="examples/paper_experiment.png")
     args = parser.parse_args()
     data = load_digits_split()
     rates = (args.learning_rate, args.learning_rate * args.boost)
+    layers = list(LAYERS) if args.bn == "both" else [args.bn]
     runs = {}
-    for batch_norm in (False, True):
+    for batch_norm, layer in [(False, None)] + [(True, name) for name in layers]:
         for rate in rates:
-            label = f"{'with' if batch_norm else 'without'} BN, learning rate {rate:g}"
+            label = (f"with BN ({layer}), learning rate {rate:g}" if batch_norm
+                     else f"without BN, learning rate {rate:g}")
             start = time.perf_counter()
 
             def progress(step, acc, label=label):
                 print(f"\r{label}: step {step:5d}/{args.steps}, test accuracy {acc:.3f}",
                       end="", flush=True)
-            runs[label] = train(batch_norm, rate, args.steps, data, progress=progress)
+            runs[label] = train(batch_norm, rate, args.steps, data, progress=progress,
+                                layer=LAYERS.get(layer))
             print(f"  ({time.perf_counter() - start:.0f} s)")
-    plot(runs, args.out)
+    plot({label: history for label, history in runs.items()
+          if "BN (" not in label or f"BN ({layers[0]})" in label}, args.out)
     print(f"\nwrote {args.out}\n")
     # Inference: fold each BN into the Linear layer before it; the outputs stay the same.
-    net = runs[f"with BN, learning rate {rates[0]:g}"]["network"]
+    net = runs[f"with BN ({layers[0]}), learning rate {rates[0]:g}"]["network"]
     net.train(False)
     x_test = data[2]
     difference = np.abs(net.folded().forward(x_test) - net.forward(x_test)).max()
     print(f"BN folded into the weights for inference: largest change of a score {difference:.1e}\n")
-    print(f"{'network':40s} {'final accuracy':>14s} {'steps to 90%':>13s}")
+    print(f"{'network':46s} {'final accuracy':>14s} {'steps to 90%':>13s} {'steps/s':>8s}")
     for label, history in runs.items():
         reached = steps_to_reach(history, 0.9)
-        print(f"{label:40s} {history['accuracy'][-1]:14.3f} "
-              f"{reached if reached is not None else 'never':>13}")
+        print(f"{label:46s} {history['accuracy'][-1]:14.3f} "
+              f"{reached if reached is not None else 'never':>13} "
+              f"{history['steps_per_second']:8.0f}")
 
 
 if __name__ == "__main__":

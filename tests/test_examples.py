@@ -38,3 +38,29 @@ def test_folded_network_gives_the_same_outputs(experiment, runs):
     folded = net.folded()
     assert not folded.batch_norm and not folded.norms
     np.testing.assert_allclose(folded.forward(x_test), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_numpy_layer_of_the_example_is_batch_norm(experiment, rng):
+    """--bn numpy times a plain NumPy layer: it must compute what fastbn's layer computes."""
+    import fastbn
+    ours, numpy_layer = fastbn.BatchNorm(7), experiment.NumpyBatchNorm(7)
+    for step in range(3):
+        x = (rng.standard_normal((60, 7)) * 3 + step).astype(np.float32)
+        dy = rng.standard_normal((60, 7)).astype(np.float32)
+        np.testing.assert_allclose(numpy_layer(x), ours(x), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(numpy_layer.backward(dy), ours.backward(dy), rtol=1e-4,
+                                   atol=1e-5)
+        for name in ("gamma", "beta"):
+            np.testing.assert_allclose(numpy_layer.grads()[name], ours.grads()[name], rtol=1e-4,
+                                       atol=1e-5)
+        np.testing.assert_allclose(numpy_layer.running_var, ours.running_var, rtol=1e-5)
+    numpy_layer.train(False)
+    ours.eval()
+    np.testing.assert_allclose(numpy_layer(x), ours(x), rtol=1e-5, atol=1e-5)
+
+
+def test_numpy_layer_trains_the_network_too(experiment):
+    history = experiment.train(True, 0.5, 300, experiment.load_digits_split(), seed=1, every=25,
+                               layer=experiment.NumpyBatchNorm)
+    assert experiment.steps_to_reach(history, 0.9) is not None, history["accuracy"]
+    assert history["steps_per_second"] > 0
