@@ -226,9 +226,12 @@ def merge(counts, means, m2s):
 @njit(**_jit)
 def _add_partials(sums):
     """Sums ``(kinds, pieces, C)`` added over pieces ``0, 1, ...``: ``(kinds, C)``."""
-    total = np.zeros((sums.shape[0], sums.shape[2]))
-    for j in range(sums.shape[1]):
-        total += sums[:, j, :]
+    kinds, pieces, channels = sums.shape
+    total = np.zeros((kinds, channels))
+    for j in range(pieces):
+        for k in range(kinds):
+            for c in range(channels):
+                total[k, c] += sums[k, j, c]
     return total
 
 
@@ -594,7 +597,8 @@ def _per_column(values, inner, fold):
     laid_out = np.empty((fold, values.size, inner))
     for k in range(fold):
         for c in range(values.size):
-            laid_out[k, c, :] = values[c]
+            for i in range(inner):
+                laid_out[k, c, i] = values[c]
     return laid_out.reshape(fold * values.size * inner)
 
 
@@ -757,6 +761,15 @@ def _update_running(running_mean, running_var, mean, var, momentum, unbias):
 # cost more to hand to Python than a small tensor's whole work.
 
 
+@njit(**_helper)
+def _store_rows(into, first, second):
+    """``into[0], into[1] = first, second``, in into's dtype. (A loop: slice assignment would
+    compile NumPy's shape-mismatch error message, seconds on a cold start.)"""
+    for c in range(first.size):
+        into[0, c] = first[c]
+        into[1, c] = second[c]
+
+
 @_step
 def _train_forward(x3, y3, gamma, beta, eps, running_mean, running_var, momentum, stats,
                    blocks):
@@ -765,16 +778,15 @@ def _train_forward(x3, y3, gamma, beta, eps, running_mean, running_var, momentum
     if running_mean is not None:
         count = x3.shape[0] * x3.shape[2]
         _update_running(running_mean, running_var, mean, var, momentum, count / (count - 1))
-    stats[0, :] = mean
-    stats[1, :] = invstd
+    _store_rows(stats, mean, invstd)
 
 
 @_step
 def _eval_forward(x3, y3, gamma, beta, eps, running_mean, running_var, stats, blocks):
-    mean = stats[0]
-    mean[:] = running_mean  # a copy: stats must not alias running_mean
-    stats[1, :] = _normalize_with(x3, y3, mean, running_var.astype(np.float64), gamma, beta,
-                                  eps, blocks)
+    mean = running_mean.astype(np.float64)  # a copy: stats must not alias running_mean
+    invstd = _normalize_with(x3, y3, mean, running_var.astype(np.float64), gamma, beta, eps,
+                             blocks)
+    _store_rows(stats, mean, invstd)
 
 
 @_step
@@ -782,10 +794,7 @@ def _backward(dy3, x3, dx3, mean, invstd, gamma, training, grads, blocks):
     sum_dy, sum_dy_xmu = _gradient_sums(dy3, x3, mean, blocks)
     _backward_map(dy3, x3, dx3, mean, invstd, gamma, sum_dy, sum_dy_xmu,
                   x3.shape[0] * x3.shape[2], training, blocks)
-    dgamma, dbeta = grads[0], grads[1]
-    for c in range(dgamma.size):
-        dgamma[c] = sum_dy_xmu[c] * invstd[c]
-        dbeta[c] = sum_dy[c]
+    _store_rows(grads, sum_dy_xmu * invstd, sum_dy)
 
 
 @functools.lru_cache(maxsize=64)
