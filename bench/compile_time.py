@@ -26,7 +26,7 @@ start = time.perf_counter()
 import numpy as np
 import fastbn
 dtype = np.dtype(DTYPE)
-for shape, axis in (((4, 3, 40), 1), ((40, 100), 1), ((4, 5, 6, 3), -1), None,
+for shape, axis in (((4, 3, 40), 1), ((40, 100), 1), ((4, 5, 6, 3), -1), (None, None),
                     ((16, 8, 512), 1), ((256, 256), 1), ((16, 16, 16, 16), -1)):
     if shape is None:
         print(f"{time.perf_counter() - start:.2f}")
