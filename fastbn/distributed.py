@@ -180,11 +180,14 @@ class SyncBatchNorm(BatchNorm):
         super().__init__(num_features, **options)
         self.comm = _communicator(comm)
 
-    def _forward(self, x, **options):
-        return forward(x, **options, comm=self.comm)
+    def _forward(self, x, gamma, beta, axis, training, running_mean, running_var, momentum, eps):
+        return forward(x, gamma, beta, axis=axis, training=training, running_mean=running_mean,
+                       running_var=running_var, momentum=momentum, eps=eps, stream=self.stream,
+                       comm=self.comm)
 
-    def _backward(self, dy, x, stats, gamma, **options):
-        return backward(dy, x, stats, gamma, **options, comm=self.comm)
+    def _backward(self, dy, x, stats, gamma, axis, training):
+        return backward(dy, x, stats, gamma, axis=axis, training=training, stream=self.stream,
+                        comm=self.comm)
 
     @classmethod
     def convert(cls, model, comm=None):

@@ -104,11 +104,8 @@ class BatchNorm:
             momentum = 1.0 / (self.num_batches_tracked + 1)  # the cumulative average
         running = (self.running_mean, self.running_var) if self.track_running_stats and \
             (updating or not batch_stats) else (None, None)
-        y, stats = self._forward(x, gamma=self.gamma, beta=self.beta, axis=self.axis,
-                                 training=batch_stats, running_mean=running[0],
-                                 running_var=running[1],
-                                 momentum=0.0 if momentum is None else momentum, eps=self.eps,
-                                 stream=self.stream)
+        y, stats = self._forward(x, self.gamma, self.beta, self.axis, batch_stats, running[0],
+                                 running[1], 0.0 if momentum is None else momentum, self.eps)
         if updating:
             self.num_batches_tracked += 1
         self._saved = x, stats, batch_stats
@@ -119,17 +116,19 @@ class BatchNorm:
         if self._saved is None:
             raise RuntimeError("backward needs a forward first: it differentiates the last one")
         x, stats, batch_stats = self._saved
-        dx, dgamma, dbeta = self._backward(dy, x, stats, self.gamma, axis=self.axis,
-                                           training=batch_stats, stream=self.stream)
+        dx, dgamma, dbeta = self._backward(dy, x, stats, self.gamma, self.axis, batch_stats)
         if self.affine:
             self.dgamma, self.dbeta = dgamma, dbeta
         return dx
 
-    def _forward(self, x, **options):  # what SyncBatchNorm replaces
-        return forward(x, **options)
+    # What SyncBatchNorm replaces. Positional, and keywords spelled out: a training step calls
+    # these twice, and packing and unpacking **options costs a small tensor's microsecond.
+    def _forward(self, x, gamma, beta, axis, training, running_mean, running_var, momentum, eps):
+        return forward(x, gamma, beta, axis=axis, training=training, running_mean=running_mean,
+                       running_var=running_var, momentum=momentum, eps=eps, stream=self.stream)
 
-    def _backward(self, dy, x, stats, gamma, **options):
-        return backward(dy, x, stats, gamma, **options)
+    def _backward(self, dy, x, stats, gamma, axis, training):
+        return backward(dy, x, stats, gamma, axis=axis, training=training, stream=self.stream)
 
     def params(self):
         """``{"gamma": ..., "beta": ...}`` (the arrays themselves), or ``{}`` without affine."""
