@@ -568,20 +568,25 @@ class _HostInterface:
         self.owner = owner  # the memory's owner lives as long as the view
 
 
-def device_view(a):
+def device_view(a, name="the array"):
     """A zero-copy Numba device array of a CUDA array (CuPy, PyTorch, Numba, ...), made in the
     context of the GPU that holds it. Its ``stream`` is the producer's stream of a version-3
-    interface, which is not waited for here: the call orders its own stream after it."""
+    interface, which is not waited for here: the call orders its own stream after it. A stream
+    key of 0, which the interface's specification forbids, is a ValueError naming ``name``."""
     if getattr(a, "__cuda_ndarray__", False) or not hasattr(a, "__cuda_array_interface__"):
         return a  # Numba's own device arrays (and the simulator's)
     described = a.__cuda_array_interface__
+    if described.get("stream") == 0:
+        raise ValueError(f"{name}'s __cuda_array_interface__ names stream 0, which the interface "
+                         f"does not allow (1: the legacy default stream, 2: the per-thread one, "
+                         f"None: no stream)")
     with _on_gpu(_pointer_gpu(described["data"][0])):
         if _SIMULATOR:
             from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
             host = np.asarray(_HostInterface({key: described.get(key) for key in
                                               ("shape", "typestr", "data", "strides")}, a))
             stream = described.get("stream")
-            return FakeCUDAArray(host, stream=_stream(stream) if stream else 0)
+            return FakeCUDAArray(host, stream=0 if stream is None else _stream(stream))
         return cuda.from_cuda_array_interface(described, owner=a, sync=False)
 
 
@@ -635,8 +640,9 @@ def _current_gpu():
 
 
 def _on_gpu(gpu):
-    """A context manager that makes ``gpu`` current (nothing when it is, or is None)."""
-    if gpu is None or gpu == _current_gpu():
+    """A context manager that makes ``gpu`` current (nothing when it is, or is None; nothing under
+    the simulator, whose one GPU the tests give stand-in ordinals)."""
+    if gpu is None or _SIMULATOR or gpu == _current_gpu():
         return contextlib.nullcontext()
     return cuda.gpus[gpu]
 
@@ -656,34 +662,18 @@ def _event():
     return cuda.event() if _SIMULATOR else cuda.event(timing=False)
 
 
-def _producer(name, a):
-    """The stream that argument ``name``'s data was made on, to order the call after (None:
-    nothing to order): the stream a version-3 interface names (0 is refused, as the interface's
-    specification does; no key, as PyTorch exports, promises the data is ready), or the stream a
-    Numba array is bound to, the default stream when it is unbound. In the current context."""
-    if getattr(a, "__cuda_ndarray__", False) or not hasattr(a, "__cuda_array_interface__"):
-        stream = getattr(a, "stream", 0)  # a Numba array (or the simulator's)
-        return stream if _handle(stream) else _stream(0)
-    handle = a.__cuda_array_interface__.get("stream")
-    if handle == 0:
-        raise ValueError(f"{name}'s __cuda_array_interface__ names stream 0, which the interface "
-                         f"does not allow (1: the legacy default stream, 2: the per-thread one, "
-                         f"None: no stream)")
-    return None if handle is None else _stream(handle)
-
-
 def for_call(stream=None, **arrays):
-    """The :class:`Steps` of one checked call: on the GPU that holds its CUDA arrays, on
-    ``stream`` if given, else on the producer's stream of the first of them that names one (a
-    Numba array: the stream it is bound to), else on the default stream. Every other producer's
-    stream is waited for on the GPU (an event), not on the host, and waits in turn for the call's
-    work when its results are handed back (:meth:`Steps.hand_back`). Raises ValueError for arrays
-    on different GPUs."""
+    """The :class:`Steps` of one checked call: on the GPU that holds its CUDA arrays (device views,
+    :func:`device_view`), on ``stream`` if given, else on the producer's stream of the first of
+    them that names one (the stream a Numba array is bound to), else on the default stream. Every
+    other producer's stream is waited for on the GPU (an event), not on the host, and waits in
+    turn for the call's work when its results are handed back (:meth:`Steps.hand_back`). An
+    unbound array, as an interface without a stream (PyTorch's), is ready: nothing to order.
+    Raises ValueError for arrays on different GPUs."""
     arrays = {name: a for name, a in arrays.items() if a is not None and is_cuda_array(a)}
     gpu = choose_gpu({name: _pointer_gpu(interface(a)["data"][0]) for name, a in arrays.items()})
     with _on_gpu(gpu):
-        producers = [p for p in (_producer(name, a) for name, a in arrays.items())
-                     if p is not None]
+        producers = [a.stream for a in arrays.values() if _handle(getattr(a, "stream", 0))]
         if stream is None:
             stream = producers[0] if producers else 0
         own = as_stream(stream)
