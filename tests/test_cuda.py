@@ -56,6 +56,29 @@ def test_the_pointer_query_runs_on_the_installed_numba(where):
     assert proc.stdout.split()[-1:] == ["True"], proc.stdout + proc.stderr
 
 
+LAUNCHER = """
+import re, warnings
+import fastbn.cuda
+warnings.simplefilter("error")  # a warning that escapes raises
+first = fastbn.cuda._launcher(fastbn.cuda._cast, 1, 256, 0)
+print(first is fastbn.cuda._launcher(fastbn.cuda._cast, 1, 256, 0))
+try:
+    fastbn.cuda._cast[3, 256, 0]
+except Warning as warning:
+    print(type(warning).__name__, bool(re.match(fastbn.cuda._LOW_OCCUPANCY, str(warning))))
+"""
+
+
+def test_launches_are_configured_once_without_the_warning():
+    """On the installed numba.cuda's own dispatcher (no simulator; configuring needs no GPU):
+    fastbn's configuration of a small grid is made once and reused, and its low-occupancy
+    warning, whichever class the installed numba gives it, does not escape, while someone
+    else's configuration still warns with the message fastbn filters."""
+    proc = run_python("-c", LAUNCHER, env={"NUMBA_ENABLE_CUDASIM": None}, timeout=300)
+    assert proc.stdout.split()[-3:] == ["True", "NumbaPerformanceWarning", "True"], (
+        proc.stdout + proc.stderr)
+
+
 @pytest.mark.parametrize("where", ["real GPU" if gpu_usable() else "no GPU"])
 def test_python_m_fastbn_device_cuda(where):
     """``python -m fastbn --device cuda``: the table on a GPU; without one, a one-line message
