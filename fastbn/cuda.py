@@ -28,10 +28,12 @@ running statistics   ``update_running(running_mean, running_var, μ, σ²,     �
 
 Here the steps are the methods of :class:`Steps`, one object per call (``for_call``), which holds
 the call's stream, its GPU and its scratch memory; the module-level functions of the same names
-run on Numba's default stream of the current GPU. Every launch and copy of a call runs on its
-stream, so nothing waits for the host on the common path (CUDA inputs and outputs): constants
-come from a per-GPU cache, and the call's float64 vectors and per-piece parts from one device
-allocation.
+run on the default stream of the current GPU. Every launch and copy of a call runs on its stream
+(never stream 0 itself: the default stream as the legacy or per-thread stream object, so that
+results bound to it name it), so fastbn makes no synchronizing call on the common path (CUDA
+inputs and outputs): constants come from a per-context cache, the call's float64 vectors and
+per-piece parts from one device allocation, and launches are configured once and reused
+(``_launcher``).
 
 The view is C-contiguous here (CUDA arrays must be; NumPy arrays are copied in so):
 
