@@ -597,7 +597,7 @@ def _gpu_count():
     return 1 if _SIMULATOR else len(cuda.gpus)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _ordinal_query():
     """``pointer -> ordinal of the GPU that holds it``, on the installed numba.cuda's driver API:
     numba-cuda's (cuda.bindings), or the ctypes one of numba's own numba.cuda without the NVIDIA
