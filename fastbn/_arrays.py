@@ -21,13 +21,13 @@ def is_cuda_array(a):
     return exposed or type(a).__module__.startswith("numba.cuda.simulator")
 
 
-def device_view(a):
+def device_view(a, name="the array"):
     """A zero-copy Numba device array of a CUDA array (CuPy, PyTorch, Numba, ...), on the GPU
-    that holds it (fastbn.cuda.device_view)."""
+    that holds it (fastbn.cuda.device_view; ``name`` for its errors)."""
     if not hasattr(a, "__cuda_array_interface__"):
         return a  # the simulator's arrays are Numba's device arrays already
     from . import cuda
-    return cuda.device_view(a)
+    return cuda.device_view(a, name)
 
 
 def call_steps(device, stream, **arrays):

@@ -75,7 +75,7 @@ def where_lives(a):
 
 def data(name, a):
     """x or dy: a float32 or float64 NumPy array, or a device view of a CUDA one."""
-    arr = device_view(a) if is_cuda_array(a) else np.asarray(a)
+    arr = device_view(a, name) if is_cuda_array(a) else np.asarray(a)
     if arr.dtype not in DATA_DTYPES:
         hint = ("; cast float16 data to float32 (fastbn computes in float64 either way)"
                 if arr.dtype == np.float16 else "")
@@ -120,7 +120,7 @@ def per_channel(name, a, channels, where, allow_cuda=False):
     if a is None:
         return None
     on_gpu = is_cuda_array(a)
-    arr = device_view(a) if on_gpu else np.asarray(a)
+    arr = device_view(a, name) if on_gpu else np.asarray(a)
     if arr.dtype.kind not in "fiu":
         raise TypeError(f"{name} must be a real-valued array, got dtype {arr.dtype} "
                         f"(shape {arr.shape})")
@@ -134,7 +134,7 @@ def per_channel(name, a, channels, where, allow_cuda=False):
 def running(name, a, x, axis, updated, allow_cuda=False):
     """Check running_mean or running_var (updated in place when ``updated``)."""
     if allow_cuda and is_cuda_array(a):
-        arr = device_view(a)
+        arr = device_view(a, name)
         if arr.dtype.kind != "f":
             raise TypeError(f"{name} must be a floating-point array, got dtype {arr.dtype} "
                             f"(shape {arr.shape})")
@@ -201,7 +201,7 @@ def check_out(out, like, **inputs):
     if is_cuda_array(like):
         if not is_cuda_array(out):
             raise TypeError(f"out must be a CUDA array like x, got {type(out).__name__}")
-        view = device_view(out)
+        view = device_view(out, "out")
         if view.shape == like.shape and not view.is_c_contiguous():
             raise ValueError(f"out (shape {view.shape}, strides {view.strides}) must be "
                              f"C-contiguous on the GPU")

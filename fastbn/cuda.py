@@ -28,10 +28,12 @@ running statistics   ``update_running(running_mean, running_var, μ, σ²,     �
 
 Here the steps are the methods of :class:`Steps`, one object per call (``for_call``), which holds
 the call's stream, its GPU and its scratch memory; the module-level functions of the same names
-run on Numba's default stream of the current GPU. Every launch and copy of a call runs on its
-stream, so nothing waits for the host on the common path (CUDA inputs and outputs): constants
-come from a per-GPU cache, and the call's float64 vectors and per-piece parts from one device
-allocation.
+run on the default stream of the current GPU. Every launch and copy of a call runs on its stream
+(never stream 0 itself: the default stream as the legacy or per-thread stream object, so that
+results bound to it name it), so fastbn makes no synchronizing call on the common path (CUDA
+inputs and outputs): constants come from a per-context cache, the call's float64 vectors and
+per-piece parts from one device allocation, and launches are configured once and reused
+(``_launcher``).
 
 The view is C-contiguous here (CUDA arrays must be; NumPy arrays are copied in so):
 
@@ -59,12 +61,12 @@ import ctypes
 import functools
 import math
 import numbers
+import threading
 import warnings
 
 import numba
 import numpy as np
 from numba import cuda, float64, int64
-from numba.core.errors import NumbaPerformanceWarning
 
 from . import cpu
 from ._arrays import interface, is_cuda_array
@@ -469,7 +471,7 @@ def _reduce_launch(x3):
 
 
 class _SimulatedStream:
-    """The simulator's stand-in for ``cuda.external_stream(handle)``."""
+    """The simulator's stand-in for ``cuda.external_stream(handle)`` (and the default streams)."""
 
     def __init__(self, handle):
         self.handle = handle
@@ -481,8 +483,31 @@ class _SimulatedStream:
         pass
 
 
-def _external_stream(handle):
-    return _SimulatedStream(handle) if _SIMULATOR else cuda.external_stream(handle)
+_LEGACY, _PER_THREAD = 1, 2  # CU_STREAM_LEGACY, CU_STREAM_PER_THREAD: the default streams' handles
+
+
+def _per_thread_default():
+    """Whether numba.cuda runs unbound work on the per-thread default stream
+    (NUMBA_CUDA_PER_THREAD_DEFAULT_STREAM) rather than the legacy one."""
+    try:
+        from numba.cuda.core import config  # numba-cuda
+    except ImportError:
+        from numba.core import config
+    return bool(getattr(config, "CUDA_PER_THREAD_DEFAULT_STREAM", False))
+
+
+def _stream(handle):
+    """The Numba stream of a handle: 0 is the default stream, as the legacy (1) or per-thread (2)
+    default stream object, whose handle an array bound to it exports; needs the GPU's context."""
+    if handle == 0:
+        handle = _PER_THREAD if _per_thread_default() else _LEGACY
+    if _SIMULATOR:
+        return _SimulatedStream(handle)
+    if handle == _LEGACY:
+        return cuda.legacy_default_stream()
+    if handle == _PER_THREAD:
+        return cuda.per_thread_default_stream()
+    return cuda.external_stream(handle)
 
 
 def _is_numba_stream(stream):
@@ -490,37 +515,51 @@ def _is_numba_stream(stream):
 
 
 def _handle(stream):
-    """A stream's identity: its handle (0 for the default stream); the simulator's own streams
-    have none, so their ``id``."""
-    if not stream:
-        return 0
-    try:
+    """A stream's identity: its handle (0 for ``0`` or the default stream object); the simulator's
+    own streams have none, so their ``id``. Reads ``stream.handle`` rather than ``int(stream)``,
+    which numba-cuda's default stream answers with an enum (a DeprecationWarning)."""
+    if isinstance(stream, numbers.Integral):
         return int(stream)
-    except TypeError:
-        return id(stream)
+    handle = getattr(stream, "handle", None)
+    if handle is None:
+        return id(stream)  # the simulator's cuda.stream()
+    handle = getattr(handle, "value", handle)  # a ctypes handle (numba without the NVIDIA bindings)
+    return 0 if handle is None else int(handle)
 
 
-def as_stream(stream):
-    """The Numba stream of a ``stream=`` argument: a Numba stream, an object with
-    ``__cuda_stream__`` (a method or attribute giving ``(version, handle)``), an object with an
-    integer ``cuda_stream`` (PyTorch's streams), or an integer handle. ``0`` stands for Numba's
-    default stream."""
+def _stream_handle(stream):
+    """The integer handle of a ``stream=`` argument (see :func:`as_stream`)."""
     if _is_numba_stream(stream):
-        return stream if _handle(stream) else 0
+        return _handle(stream)
     if hasattr(stream, "__cuda_stream__"):
         protocol = stream.__cuda_stream__
         handle = (protocol() if callable(protocol) else protocol)[1]
-    elif hasattr(stream, "cuda_stream"):
+    elif hasattr(stream, "cuda_stream"):  # PyTorch
         handle = stream.cuda_stream
+    elif hasattr(stream, "ptr"):  # CuPy
+        handle = stream.ptr
     else:
         handle = stream
     if isinstance(handle, bool) or not isinstance(handle, numbers.Integral):
         raise TypeError(f"stream must be a CUDA stream: a Numba stream, an object with "
                         f"__cuda_stream__ (PyTorch's torch.cuda.current_stream(), CuPy's, "
-                        f"cuda.core's) or an integer handle, got {type(stream).__name__}")
+                        f"cuda.core's), CuPy's .ptr or an integer handle, got "
+                        f"{type(stream).__name__}")
     if handle < 0:
         raise ValueError(f"stream must be a CUDA stream handle (>= 0), got {handle}")
-    return _external_stream(int(handle)) if handle else 0
+    return int(handle)
+
+
+def as_stream(stream):
+    """The Numba stream of a ``stream=`` argument: a Numba stream, an object with
+    ``__cuda_stream__`` (a method or attribute giving ``(version, handle)``), an object with an
+    integer ``cuda_stream`` (PyTorch's streams) or ``ptr`` (CuPy's), or an integer handle. ``0``
+    (and Numba's default stream) stands for the default stream: the legacy one, or the per-thread
+    one where numba.cuda is configured so. Made in the current GPU's context."""
+    handle = _stream_handle(stream)
+    if _is_numba_stream(stream) and handle not in (0, _LEGACY, _PER_THREAD):
+        return stream
+    return _stream(handle)
 
 
 class _HostInterface:
@@ -531,21 +570,60 @@ class _HostInterface:
         self.owner = owner  # the memory's owner lives as long as the view
 
 
-def device_view(a):
+def device_view(a, name="the array"):
     """A zero-copy Numba device array of a CUDA array (CuPy, PyTorch, Numba, ...), made in the
     context of the GPU that holds it. Its ``stream`` is the producer's stream of a version-3
-    interface, which is not waited for here: the call orders its own stream after it."""
+    interface, which is not waited for here: the call orders its own stream after it. A stream
+    key of 0, which the interface's specification forbids, is a ValueError naming ``name``."""
     if getattr(a, "__cuda_ndarray__", False) or not hasattr(a, "__cuda_array_interface__"):
         return a  # Numba's own device arrays (and the simulator's)
     described = a.__cuda_array_interface__
-    if _SIMULATOR:
-        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
-        host = np.asarray(_HostInterface({key: described.get(key) for key in
-                                          ("shape", "typestr", "data", "strides")}, a))
-        stream = described.get("stream")
-        return FakeCUDAArray(host, stream=_external_stream(stream) if stream else 0)
+    if described.get("stream") == 0:
+        raise ValueError(f"{name}'s __cuda_array_interface__ names stream 0, which the interface "
+                         f"does not allow (1: the legacy default stream, 2: the per-thread one, "
+                         f"None: no stream)")
     with _on_gpu(_pointer_gpu(described["data"][0])):
+        if _SIMULATOR:
+            from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+            host = np.asarray(_HostInterface({key: described.get(key) for key in
+                                              ("shape", "typestr", "data", "strides")}, a))
+            stream = described.get("stream")
+            return FakeCUDAArray(host, stream=0 if stream is None else _stream(stream))
         return cuda.from_cuda_array_interface(described, owner=a, sync=False)
+
+
+def _gpu_count():
+    """GPUs that numba.cuda sees (one under the simulator)."""
+    return 1 if _SIMULATOR else len(cuda.gpus)
+
+
+@functools.cache
+def _ordinal_query():
+    """``pointer -> ordinal of the GPU that holds it``, on the installed numba.cuda's driver API:
+    numba-cuda's (cuda.bindings), or the ctypes one of numba's own numba.cuda without the NVIDIA
+    bindings. Resolving the names needs no GPU; calling the function does."""
+    from numba.cuda.cudadrv import driver as module
+    if getattr(module, "USE_NV_BINDING", True):
+        binding = module.binding
+        attribute = binding.CUpointer_attribute.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL
+        device_pointer = binding.CUdeviceptr
+
+        def ordinal(pointer):
+            return int(module.driver.cuPointerGetAttribute(attribute, device_pointer(pointer)))
+        return ordinal
+    from numba.cuda.cudadrv import enums
+    attribute = enums.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL
+
+    def ordinal_ctypes(pointer):
+        value = ctypes.c_int()
+        module.driver.cuPointerGetAttribute(ctypes.byref(value), attribute, pointer)
+        return value.value
+    return ordinal_ctypes
+
+
+def _ordinal_of(pointer):
+    """The driver's answer: the ordinal of the GPU that holds device memory at ``pointer``."""
+    return _ordinal_query()(pointer)
 
 
 def _pointer_gpu(pointer):
@@ -553,17 +631,9 @@ def _pointer_gpu(pointer):
     an empty array). With a single GPU (or the simulator), 0 without asking the driver."""
     if not pointer:
         return None
-    if _SIMULATOR or len(cuda.gpus) < 2:
+    if _gpu_count() < 2:
         return 0
-    from numba.cuda.cudadrv import driver, enums
-    if driver.USE_NV_BINDING:
-        attribute = driver.binding.CUpointer_attribute.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL
-        return int(driver.driver.cuPointerGetAttribute(attribute,
-                                                       driver.binding.CUdeviceptr(pointer)))
-    ordinal = ctypes.c_int()
-    driver.driver.cuPointerGetAttribute(ctypes.byref(ordinal),
-                                        enums.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, pointer)
-    return ordinal.value
+    return _ordinal_of(pointer)
 
 
 def _current_gpu():
@@ -572,8 +642,9 @@ def _current_gpu():
 
 
 def _on_gpu(gpu):
-    """A context manager that makes ``gpu`` current (nothing when it is, or is None)."""
-    if gpu is None or gpu == _current_gpu():
+    """A context manager that makes ``gpu`` current (nothing when it is, or is None; nothing under
+    the simulator, whose one GPU the tests give stand-in ordinals)."""
+    if gpu is None or _SIMULATOR or gpu == _current_gpu():
         return contextlib.nullcontext()
     return cuda.gpus[gpu]
 
@@ -589,48 +660,64 @@ def choose_gpu(gpus):
     return next(iter(held.values()), None)
 
 
+def _event():
+    return cuda.event() if _SIMULATOR else cuda.event(timing=False)
+
+
 def for_call(stream=None, **arrays):
-    """The :class:`Steps` of one checked call: on the GPU that holds its CUDA arrays, on
-    ``stream`` if given, else on the producer's stream of the first of them whose interface names
-    one, else on Numba's default stream. Every other producer's stream is waited for on the GPU
-    (an event), not on the host. Raises ValueError for arrays on different GPUs."""
-    own = None if stream is None else as_stream(stream)
-    views = {name: device_view(a) for name, a in arrays.items()
-             if a is not None and is_cuda_array(a)}
-    gpu = choose_gpu({name: _pointer_gpu(interface(a)["data"][0]) for name, a in views.items()})
-    producers = [a.stream for a in views.values() if getattr(a, "stream", 0)]
-    if own is None:
-        own = producers[0] if producers and _handle(producers[0]) else 0
-    others = {_handle(p): p for p in producers if _handle(p) != _handle(own)}
-    if others:
-        with _on_gpu(gpu):
-            for producer in others.values():
-                event = cuda.event() if _SIMULATOR else cuda.event(timing=False)
-                event.record(stream=producer)
-                event.wait(stream=own)
-    return Steps(own, None if gpu is None or gpu == _current_gpu() else gpu)
+    """The :class:`Steps` of one checked call: on the GPU that holds its CUDA arrays (device views,
+    :func:`device_view`), on ``stream`` if given, else on the producer's stream of the first of
+    them that names one (the stream a Numba array is bound to), else on the default stream. Every
+    other producer's stream is waited for on the GPU (an event), not on the host, and waits in
+    turn for the call's work when its results are handed back (:meth:`Steps.hand_back`). An
+    unbound array, as an interface without a stream (PyTorch's), is ready: nothing to order.
+    Raises ValueError for arrays on different GPUs."""
+    arrays = {name: a for name, a in arrays.items() if a is not None and is_cuda_array(a)}
+    gpu = choose_gpu({name: _pointer_gpu(interface(a)["data"][0]) for name, a in arrays.items()})
+    with _on_gpu(gpu):
+        producers = [a.stream for a in arrays.values() if _handle(getattr(a, "stream", 0))]
+        if stream is None:
+            stream = producers[0] if producers else 0
+        own = as_stream(stream)
+        others = {_handle(p): p for p in producers if _handle(p) != _handle(own)}
+        for producer in others.values():
+            event = _event()
+            event.record(stream=producer)
+            event.wait(stream=own)
+    return Steps(own, None if gpu is None or gpu == _current_gpu() else gpu,
+                 producers=list(others.values()))
 
 
-# -- constants and scratch memory -----------------------------------------------------------------
+# -- constants, scratch memory and launches -------------------------------------------------------
 
 
 _constants = {}
 
 
+def _context():
+    """The current context, the key of what fastbn keeps on a GPU: a new one after
+    ``cuda.close()`` finds nothing made in the old one (None under the simulator)."""
+    return None if _SIMULATOR else cuda.current_context()
+
+
 def _constant(value, channels):
-    """A read-only float64 device vector of ``channels`` copies of ``value``, made once per GPU
-    and size (the only copy that waits for the device, the first time)."""
-    key = _current_gpu(), value, channels
+    """A read-only float64 device vector of ``channels`` copies of ``value``, made once per
+    context and size (the only copy that waits for the device, the first time)."""
+    key = _context(), value, channels
     found = _constants.get(key)
     if found is None:
         found = _constants[key] = cuda.to_device(np.full(channels, value))
     return found
 
 
+FEW_PIECES = 4  # per-piece parts of at most this many pieces are cut from a call's scratch
+
+
 def _scratch_size(shape):
-    """float64 values that one call's vectors and per-piece parts need at most, for an
-    ``(outer, C, inner)`` view: 3 per piece (moments) and a dozen vectors."""
-    return (3 * _pieces(shape)[2] + 12) * shape[1]
+    """float64 values of one call's scratch, for an ``(outer, C, inner)`` view: a dozen vectors,
+    and the per-piece parts (3 per piece) when there are few pieces."""
+    pieces = _pieces(shape)[2]
+    return ((3 * pieces if pieces <= FEW_PIECES else 0) + 12) * shape[1]
 
 
 class _Scratch:
@@ -652,6 +739,43 @@ class _Scratch:
             self._size = 0
         part, self._free = self._free[:n], self._free[n:]
         return part.reshape(shape)
+
+
+_LOW_OCCUPANCY = r"Grid size \d+ will likely result in GPU under-utilization"
+_REUSE_LAUNCHERS = not _SIMULATOR  # the simulator's kernel[...] is the kernel itself, reconfigured
+_MAX_LAUNCHERS = 4096
+_launchers = {}
+_launchers_lock = threading.Lock()
+
+
+def _launcher(kernel, grid, block, stream):
+    """``kernel[grid, block, stream]``, configured once per kernel, grid, block and stream handle,
+    and kept.
+
+    numba.cuda warns of low occupancy when a launch is *configured* (every grid of fewer than 128
+    blocks, which the per-channel kernels are by design), as ``NumbaPerformanceWarning`` of
+    numba.core.errors or, in numba-cuda, of numba.cuda.core.errors: fastbn configures its launches
+    once, under a filter of that message (any category), and reuses them, so its steady state
+    never touches the warnings machinery (whose filters are process-wide, and whose every change
+    resets the once-only registries of every module). A configuration holds no context: its
+    kernel finds its code for the current one at each launch. The simulator reconfigures the kernel
+    object itself and never warns, so there each launch is configured afresh.
+    """
+    if not _REUSE_LAUNCHERS:
+        return kernel[grid, block, stream]
+    key = kernel, grid, block, _handle(stream)
+    found = _launchers.get(key)
+    if found is None:
+        with _launchers_lock:
+            found = _launchers.get(key)
+            if found is None:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", _LOW_OCCUPANCY, Warning)
+                    found = kernel[grid, block, stream]
+                if len(_launchers) >= _MAX_LAUNCHERS:
+                    _launchers.clear()
+                _launchers[key] = found
+    return found
 
 
 def _on_its_gpu(step):
@@ -691,6 +815,7 @@ class _Output:
         """``(result, *per_channel)``, on the host (into ``out`` if given) for NumPy input."""
         steps = self._steps
         if not self._on_host:
+            steps.hand_back()
             result = steps.bound(self._device) if self._out is None else self._out
             return (result, *map(steps.bound, per_channel))
         host = steps.to_host(self._device, *per_channel)
@@ -717,42 +842,60 @@ class _HostRunning:
 
 
 class Steps:
-    """The device interface for one call: every launch and copy on ``stream`` (a Numba stream,
-    or 0 for the default stream), on GPU ``gpu`` (None: the current one), the float64 vectors
-    from one scratch allocation (``scratch=False``: one allocation each)."""
+    """The device interface for one call: every launch and copy on ``stream`` (a Numba stream;
+    None: the default stream, resolved at each use), on GPU ``gpu`` (None: the current one), the
+    float64 vectors from one scratch allocation (``scratch=False``: one allocation each);
+    ``producers``: other streams that the call's inputs came from, which wait for the call's work
+    when it hands its results back."""
 
     NAME = NAME
 
-    def __init__(self, stream=0, gpu=None, scratch=True):
-        self.stream = stream
+    def __init__(self, stream=None, gpu=None, scratch=True, producers=()):
+        self._stream = stream
         self.gpu = gpu
         self._scratch = _Scratch() if scratch else None
+        self._producers = list(producers)
+
+    @property
+    def stream(self):
+        return _stream(0) if self._stream is None else self._stream
 
     def _take(self, shape):
         if self._scratch is None:
             return cuda.device_array(shape, np.float64)
         return self._scratch.take(shape)
 
-    def _copy_stream(self):
-        """The stream of a copy to the device: the call's, or Numba's default stream as an object,
-        so that the copy does not wait for the host either (a copy from pageable memory is staged
-        before it returns)."""
-        return self.stream or (0 if _SIMULATOR else cuda.default_stream())
-
     def _vectors(self, count, channels):
         return [self._take(channels) for _ in range(count)]
 
+    def _parts(self, count, pieces, channels):
+        """``count`` float64 ``(pieces, C)`` arrays for the reductions' per-piece results: cut from
+        the scratch when there are few pieces, else from an allocation of their own that ends with
+        the call, so that the statistics a call returns (parts of its scratch) never keep much
+        more than themselves alive."""
+        if pieces <= FEW_PIECES:
+            return [self._take((pieces, channels)) for _ in range(count)]
+        parts = cuda.device_array((count, pieces, channels), np.float64)
+        return [parts[k] for k in range(count)]
+
     def _launch(self, kernel, grid, block, *args):
-        # numba.cuda warns of every grid under 128 blocks, which the per-channel kernels are by
-        # design: silenced for these launches only.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NumbaPerformanceWarning)
-            configured = kernel[grid, block, self.stream]
-        configured(*args)
+        _launcher(kernel, grid, block, self.stream)(*args)
 
     def bound(self, a):
         """``a`` bound to the call's stream, which its __cuda_array_interface__ then names."""
-        return a.bind(self.stream) if self.stream else a
+        return a.bind(self.stream)
+
+    @_on_its_gpu
+    def hand_back(self):
+        """Order the producers' streams after the call's work so far (one event on the call's
+        stream, which each waits for, on the GPU): a consumer there of what the call wrote (out,
+        device running statistics, x in place), or a stream-ordered allocator reusing an input's
+        memory, then sees the call done."""
+        if self._producers:
+            event = _event()
+            event.record(stream=self.stream)
+            for producer in self._producers:
+                event.wait(stream=producer)
 
     def running_steps(self, running_mean):
         """Where the running statistics are updated: here, or on the host (NumPy arrays)."""
@@ -769,7 +912,7 @@ class Steps:
     @_on_its_gpu
     def operands(self, view, *arrays):
         """The arrays as the kernels read them: device views, NumPy arrays copied in."""
-        return [cuda.to_device(view.of(a), stream=self._copy_stream()) if isinstance(a, np.ndarray)
+        return [cuda.to_device(view.of(a), stream=self.stream) if isinstance(a, np.ndarray)
                 else view.of(a) for a in arrays]
 
     @_on_its_gpu
@@ -783,14 +926,14 @@ class Steps:
         """``(C,)`` values as a float64 device array; ``None`` gives ``fill`` everywhere (or None).
 
         A float64 device array is returned as it is unless ``copy``; others are converted on the
-        device, NumPy arrays copied in (on the call's stream: no wait for the device).
+        device, NumPy arrays copied in on the call's stream, from a fresh pageable copy (a copy from
+        pinned memory would read it after the call returns).
         """
         if values is None:
             return None if fill is None else _constant(float(fill), channels)
         target = self._take(channels)
         if isinstance(values, np.ndarray):
-            target.copy_to_device(np.ascontiguousarray(values, np.float64),
-                                  stream=self._copy_stream())
+            target.copy_to_device(np.array(values, np.float64), stream=self.stream)
             return target
         values = device_view(values)
         if values.dtype == np.float64 and not copy:
@@ -802,9 +945,9 @@ class Steps:
     def to_host(self, a, *more):
         """``a`` copied to a NumPy array, once the call's work on it is done; with ``more``
         arrays, a list of copies."""
-        copies = [b.copy_to_host(stream=self.stream) for b in (a, *more)]
-        if self.stream:
-            self.stream.synchronize()
+        stream = self.stream
+        copies = [b.copy_to_host(stream=stream) for b in (a, *more)]
+        stream.synchronize()
         return copies if more else copies[0]
 
     @_on_its_gpu
@@ -821,7 +964,7 @@ class Steps:
         shift, delta, m2 = self._vectors(3, channels)
         self._launch(_first_values, *_grid(channels), x3, shift)
         kernels, planar, piece, pieces, grid, block = _reduce_launch(x3)
-        parts = [self._take((pieces, channels)) for _ in range(3)]
+        parts = self._parts(3, pieces, channels)
         if planar:
             self._launch(kernels[0], grid, block, x3, shift, piece, *parts)
         else:
@@ -869,7 +1012,7 @@ class Steps:
             zeros = _constant(0.0, channels)
             return zeros, zeros
         kernels, planar, piece, pieces, grid, block = _reduce_launch(x3)
-        parts = [self._take((pieces, channels)) for _ in range(2)]
+        parts = self._parts(2, pieces, channels)
         if planar:
             self._launch(kernels[2], grid, block, dy3, x3, mean, piece, *parts)
         else:
@@ -916,7 +1059,7 @@ class Steps:
                      device_view(running_var), mean, var, momentum, unbias)
 
 
-# The module's own steps: Numba's default stream on the current GPU, an allocation per vector.
+# The module's own steps: the default stream of the current GPU, an allocation per vector.
 _default = Steps(scratch=False)
 view = _default.view
 operands = _default.operands

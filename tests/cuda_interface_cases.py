@@ -4,7 +4,9 @@ allocations, and the production block sizes. Run with tests/cuda_cases.py by tes
 in a process of its own, on a GPU or under Numba's CUDA simulator.
 """
 import functools
+import re
 import warnings
+from fractions import Fraction
 
 import numba
 import numpy as np
@@ -26,18 +28,23 @@ handle = fastbn.cuda._handle  # a stream's identity: its handle
 
 class Recorder:
     """Records, while active, every kernel launch, copy between host and device, event and host
-    synchronization fastbn makes, as ``(what, stream handle)``; and counts device allocations."""
+    synchronization fastbn makes, as ``(what, stream handle)``; and counts device allocations
+    (their sizes in ``sizes``)."""
 
     def __init__(self, monkeypatch):
-        self.log, self.allocations, self._monkeypatch, self.active = [], 0, monkeypatch, False
-        kernel_type = type(fastbn.cuda._cast)
-        configure = kernel_type.__getitem__
+        self.log, self.allocations, self.sizes = [], 0, []
+        self._monkeypatch, self.active = monkeypatch, False
+        configured = fastbn.cuda._launcher  # launches, configured afresh or reused
 
-        def launch(kernel, configuration):
-            self._note("launch", configuration[2] if len(configuration) > 2 else 0)
-            return configure(kernel, configuration)
+        def launcher(kernel, grid, block, stream):
+            launch = configured(kernel, grid, block, stream)
 
-        monkeypatch.setattr(kernel_type, "__getitem__", launch)
+            def recorded(*args):
+                self._note("launch", stream)
+                return launch(*args)
+            return recorded
+
+        monkeypatch.setattr(fastbn.cuda, "_launcher", launcher)
         array_type = type(cuda.device_array(1))
         for method in ("copy_to_host", "copy_to_device"):
             self._wrap(array_type, method, lambda *args, stream=0, **kw: stream, method)
@@ -60,6 +67,7 @@ class Recorder:
                 self._note(what, stream_of(*args, **kwargs))
             elif self.active and what == "allocate":
                 self.allocations += 1
+                self.sizes.append(int(np.prod(args[0])))
             result = original(*args, **kwargs)
             return _RecordedEvent(result, self) if what == "event" else result
         self._monkeypatch.setattr(owner, name, wrapper)
@@ -99,6 +107,9 @@ def recorder(monkeypatch):
 def stream_of(a):
     """The handle of the stream a device array is bound to (0: none)."""
     return handle(a.stream)
+
+
+DEFAULT = 1  # the legacy default stream's handle, which unbound Numba arrays are made on
 
 
 # -- the bug: strided host running statistics with a CUDA x -------------------------------------
@@ -219,14 +230,27 @@ def _device_results(result):
     return [] if isinstance(result, np.ndarray) else [result]
 
 
+def _hand_back(log, own):
+    """The entries of ``log`` after its last launch: an event recorded on ``own`` and waited for
+    on each producer's stream (checked), as the set of the streams that waited."""
+    last = max(k for k, (what, _) in enumerate(log) if what == "launch")
+    tail = [entry for entry in log[last + 1:] if entry[0].startswith("event")]
+    if not tail:
+        return set()
+    assert tail[0] == ("event recorded", own), log
+    assert all(what == "event waited" for what, _ in tail[1:]), log
+    return {stream for _, stream in tail[1:]}
+
+
 @pytest.mark.parametrize("given", ["numba stream", "integer handle", "__cuda_stream__",
-                                   "cuda_stream"])
+                                   "cuda_stream", "ptr"])
 def test_the_stream_reaches_every_launch_and_copy(given, recorder, rng):
     stream, number = new_stream()
     argument = {"numba stream": stream if stream is not None else cuda.stream(),
                 "integer handle": number,
                 "__cuda_stream__": type("S", (), {"__cuda_stream__": lambda self: (0, number)})(),
-                "cuda_stream": type("T", (), {"cuda_stream": number})()}[given]
+                "cuda_stream": type("T", (), {"cuda_stream": number})(),
+                "ptr": type("P", (), {"ptr": number})()}[given]
     expected = handle(argument) if given == "numba stream" else number
     ops = _ops(rng)
     if given != "numba stream":  # every op once is enough; the other kinds of stream on one
@@ -238,7 +262,17 @@ def test_the_stream_reaches_every_launch_and_copy(given, recorder, rng):
         with recorder:
             results = op(argument)
         assert recorder.streams("launch") == {expected}, name
-        assert recorder.streams() <= {expected}, (name, recorder.log)
+        events = {"event recorded", "event waited"}
+        assert {s for what, s in recorder.log if what not in events} <= {expected}, (
+            name, recorder.log)
+        # Unbound inputs need no ordering; the backward ops' stats were made on the default
+        # stream: the call waits for it, and it for the call's device results.
+        if recorder.streams("event recorded"):
+            assert recorder.log[:2] == [("event recorded", DEFAULT),
+                                        ("event waited", expected)], (name, recorder.log)
+            assert _hand_back(recorder.log, expected) == (
+                {DEFAULT} if _device_results(results) else set()), (name, recorder.log)
+        assert ("backward" in name) == (DEFAULT in recorder.streams()), (name, recorder.log)
         for a in _device_results(results):
             assert stream_of(a) == expected, f"{name}: a result is not bound to the stream"
 
@@ -257,18 +291,43 @@ def test_the_producers_stream_is_honoured(recorder, rng):
         assert stream_of(a) == number
     assert_close(host(y), reference.forward(x, gamma, beta, 1)[0], 1e-10, "y")
 
-    # Another producer's stream is waited for on the device, and stream= wins over x's.
+    # Another producer's stream is waited for on the device, and stream= wins over x's; the
+    # producers' streams wait for the call's work (out and the running statistics written) when
+    # the results are handed back.
     other_alive, other = (None, 8765) if numba.config.ENABLE_CUDASIM else new_stream()
     mine = cuda.stream()
     fgamma = FakeCudaArray(gamma, stream=other)
+    frm, frv = FakeCudaArray(np.zeros(3)), FakeCudaArray(np.ones(3))  # no stream key: ready
+    out = FakeCudaArray(np.zeros_like(x), stream=number)
     recorder.log.clear()
     with recorder:
-        y, _ = fastbn.forward(fx, fgamma, beta, stream=mine)
+        y, _ = fastbn.forward(fx, fgamma, beta, stream=mine, out=out, running_mean=frm,
+                              running_var=frv)
     assert recorder.streams("launch") == {handle(mine)}
-    assert ("event recorded", number) in recorder.log and ("event recorded", other) in recorder.log
-    assert recorder.streams("event waited") == {handle(mine)}
-    assert stream_of(y) == handle(mine)
+    assert recorder.log[:4] == [("event recorded", number), ("event waited", handle(mine)),
+                                ("event recorded", other), ("event waited", handle(mine))]
+    assert _hand_back(recorder.log, handle(mine)) == {number, other}
+    assert y is out
+    assert_close(out.host(), reference.forward(x, gamma, beta, 1)[0], 1e-10, "out")
     del alive, other_alive
+
+
+@pytest.mark.parametrize("key", [1, 2], ids=["legacy", "per-thread"])
+def test_interface_stream_keys_of_the_default_streams(key, recorder, rng):
+    """Streams 1 and 2 of the interface (CUDA's legacy and per-thread default streams) are
+    streams like any other: the call runs on them and its results name them."""
+    x, _, gamma, beta, _, _ = make_case(rng, (4, 3, 6), 1, np.float64)
+    fx = FakeCudaArray(x, stream=key)
+    fastbn.forward(fx, gamma, beta)
+    with recorder:
+        y, stats = fastbn.forward(fx, gamma, beta)
+    assert recorder.streams() == {key}, recorder.log
+    assert stream_of(y) == key and stream_of(stats.mean) == key
+    if not numba.config.ENABLE_CUDASIM:  # the simulator's arrays have no interface
+        assert y.__cuda_array_interface__["stream"] == key
+    assert_close(host(y), reference.forward(x, gamma, beta, 1)[0], 1e-10, "y")
+    with pytest.raises(ValueError, match="x's __cuda_array_interface__ names stream 0"):
+        fastbn.forward(FakeCudaArray(x, stream=0))
 
 
 def test_the_common_path_waits_for_nothing_and_allocates_once(recorder, rng):
@@ -289,11 +348,30 @@ def test_the_common_path_waits_for_nothing_and_allocates_once(recorder, rng):
             recorder.log.clear()
             recorder.allocations = 0
             with recorder:
-                call()
+                results = call()
             assert recorder.kinds() == {"launch"}, (name, recorder.log)
-            assert recorder.streams() == {0}, (name, recorder.log)
+            assert recorder.streams() == {DEFAULT}, (name, recorder.log)
             assert recorder.allocations == (3 if name == "backward" else 2), (
                 f"{name}: the results (dgamma and dbeta together) and one scratch allocation")
+            for a in _device_results(results):
+                assert stream_of(a) == DEFAULT, f"{name}: a result does not name its stream"
+
+
+def test_big_per_piece_parts_are_not_kept_by_the_statistics(recorder, rng):
+    """With many pieces per channel, the reductions' per-piece parts get an allocation of their
+    own, and the scratch that the returned statistics are cut from holds only vectors."""
+    outer = fastbn.cuda.SEGMENT * (fastbn.cuda.FEW_PIECES + 2)
+    x = make_case(rng, (outer, 3), 1, np.float64)[0]
+    xd = cuda.to_device(x)
+    pieces = fastbn.cuda._pieces((outer, 3, 1))[2]
+    assert pieces > fastbn.cuda.FEW_PIECES
+    fastbn.forward(xd)  # the first call of a size makes its constants
+    with recorder:
+        y, stats = fastbn.forward(xd)
+    assert sorted(recorder.sizes) == sorted([x.size, 12 * 3, 3 * pieces * 3]), recorder.sizes
+    ry, _, rinvstd = reference.forward(x)[:3]
+    assert_close(host(y), ry, 1e-10, "y")
+    assert_close(host(stats.invstd), rinvstd, 1e-10, "invstd")
 
 
 def test_stream_argument_errors(rng):
@@ -305,8 +383,31 @@ def test_stream_argument_errors(rng):
         with pytest.raises(error, match=message):
             fastbn.forward(xd, gamma, beta, running_mean=rmd, running_var=rvd, stream=bad)
     assert host(rmd).tobytes() == rm.tobytes() and host(rvd).tobytes() == rv.tobytes()
-    y, _ = fastbn.forward(xd, stream=0)  # 0: the default stream
-    assert stream_of(y) == 0
+
+
+def test_the_default_stream_is_named(monkeypatch, recorder, rng):
+    """stream=0, or none given or named: the legacy default stream (the per-thread one where
+    numba.cuda is configured so), which the results name, so that a consumer orders after them:
+    a later call on another stream waits for it, and it for that call."""
+    x = make_case(rng, (4, 3, 5), 1, np.float32)[0]
+    xd = cuda.to_device(x)
+    for stream in (0, None):
+        y, stats = fastbn.forward(xd, stream=stream)
+        assert stream_of(y) == DEFAULT and stream_of(stats.invstd) == DEFAULT
+    mine = cuda.stream()
+    fastbn.forward(y, stream=mine)
+    recorder.log.clear()
+    with recorder:
+        z = fastbn.forward(y, stream=mine)[0]
+    assert recorder.log[:2] == [("event recorded", DEFAULT), ("event waited", handle(mine))]
+    assert _hand_back(recorder.log, handle(mine)) == {DEFAULT}
+    assert stream_of(z) == handle(mine)
+    assert_close(host(z), reference.forward(reference.forward(x)[0])[0], 1e-5, "z")
+    monkeypatch.setattr(fastbn.cuda, "_per_thread_default", lambda: True)
+    y, stats = fastbn.forward(cuda.to_device(host(xd)))
+    assert stream_of(y) == 2 and stream_of(stats.invstd) == 2
+    if not numba.config.ENABLE_CUDASIM:
+        assert y.__cuda_array_interface__["stream"] == 2
 
 
 # -- the GPU a call runs on ----------------------------------------------------------------------
@@ -321,46 +422,112 @@ def test_choose_gpu():
 
 
 def test_a_call_runs_where_its_arrays_live(monkeypatch, rng):
+    """Two GPUs seen: fastbn._pointer_gpu asks the driver (the seam _ordinal_of, a stand-in
+    here, as one machine has one GPU) for every array with memory, and never for a null
+    pointer."""
     x, _, gamma, _, rm, rv = make_case(rng, (4, 3, 5), 1, np.float64)
     fx, fgamma = FakeCudaArray(x), FakeCudaArray(gamma)
     frm, frv = FakeCudaArray(rm), FakeCudaArray(rv)
     pointer = interface(fgamma.base)["data"][0]
-    monkeypatch.setattr(fastbn.cuda, "_pointer_gpu", lambda p: 1 if p == pointer else 0)
+    asked = []
+
+    def ordinal_of(p):
+        asked.append(p)
+        return 1 if p == pointer else 0
+
+    monkeypatch.setattr(fastbn.cuda, "_gpu_count", lambda: 2)
+    monkeypatch.setattr(fastbn.cuda, "_ordinal_of", ordinal_of)
     with pytest.raises(ValueError, match=r"one GPU, got x on GPU 0, gamma on GPU 1, "
                                          r"running_mean on GPU 0"):
         fastbn.forward(fx, fgamma, running_mean=frm, running_var=frv)
+    assert pointer in asked and 0 not in asked
     assert frm.host().tobytes() == rm.tobytes() and frv.host().tobytes() == rv.tobytes()
     stats = fastbn.BatchStats(*on_device(np.zeros(3), np.ones(3)))
     with pytest.raises(ValueError, match="x on GPU 0, gamma on GPU 1"):
         fastbn.backward(fx, fx, stats, fgamma)
+    assert fastbn.cuda._pointer_gpu(0) is None, "an empty array lives nowhere"
 
-    monkeypatch.setattr(fastbn.cuda, "_pointer_gpu", lambda p: 1)
+    monkeypatch.setattr(fastbn.cuda, "_ordinal_of", lambda p: 1)
     assert fastbn.cuda.for_call(x=fx, gamma=fgamma).gpu == 1, "the GPU that holds the data"
-    monkeypatch.setattr(fastbn.cuda, "_pointer_gpu", lambda p: 0)
+    monkeypatch.setattr(fastbn.cuda, "_ordinal_of", lambda p: 0)
     assert fastbn.cuda.for_call(x=fx, gamma=fgamma).gpu is None, "the current GPU: no switch"
+
+
+def test_the_driver_names_the_gpu_of_a_pointer():
+    """The real query (numba-cuda's driver API, or numba's ctypes one): on a GPU, it names the
+    current GPU for memory made there; under the simulator, its names resolve on the installed
+    numba (tests/test_cuda.py calls it without the simulator too)."""
+    if numba.config.ENABLE_CUDASIM:
+        with pytest.raises(ImportError, match="enums"):  # the simulator has no driver
+            fastbn.cuda._ordinal_query()
+        return
+    pointer = interface(cuda.device_array(4))["data"][0]
+    assert fastbn.cuda._ordinal_of(pointer) == cuda.get_current_device().id
 
 
 # -- noise --------------------------------------------------------------------------------------
 
 
+try:  # numba-cuda's warning: a class of its own, not numba.core.errors'
+    from numba.cuda.core.errors import NumbaPerformanceWarning as CudaCoreWarning
+except ImportError:  # numba's own numba.cuda: a stand-in of the same kind
+    class CudaCoreWarning(Warning):
+        """numba-cuda's numba.cuda.core.errors.NumbaPerformanceWarning."""
+
+
 def test_low_occupancy_warnings_are_silenced_for_fastbn_only(monkeypatch, rng):
+    """Configured as numba.cuda does on a GPU (a launch configuration that warns when made, and
+    is reused): neither class of the warning escapes fastbn's launches, someone else's launch
+    still warns, and once configured fastbn's calls never touch the warnings filters."""
     kernel_type = type(fastbn.cuda._cast)
     configure = kernel_type.__getitem__
+    counts = {"configured": 0, "launched": 0, "catch_warnings": 0}
 
-    def warn_then_configure(kernel, configuration):  # as numba.cuda does on a GPU
-        warnings.warn(NumbaPerformanceWarning("Grid size 1 will likely result in GPU "
-                                              "under-utilization due to low occupancy."))
-        return configure(kernel, configuration)
+    class Configured:
+        def __init__(self, kernel, configuration):
+            counts["configured"] += 1
+            grid = configuration[0] if isinstance(configuration[0], tuple) else (
+                configuration[0],)
+            message = (f"Grid size {int(np.prod(grid))} will likely result in GPU "
+                       f"under-utilization due to low occupancy.")
+            warnings.warn(NumbaPerformanceWarning(message))
+            warnings.warn(CudaCoreWarning(message))
+            self.kernel, self.configuration = kernel, configuration
 
-    monkeypatch.setattr(kernel_type, "__getitem__", warn_then_configure)
-    xd = cuda.to_device(make_case(rng, (4, 3, 5), 1, np.float32)[0])
+        def __call__(self, *args):
+            counts["launched"] += 1
+            return configure(self.kernel, self.configuration)(*args)
+
+    catch_warnings = warnings.catch_warnings
+
+    def counted_catch_warnings(*args, **kwargs):
+        counts["catch_warnings"] += 1
+        return catch_warnings(*args, **kwargs)
+
+    monkeypatch.setattr(kernel_type, "__getitem__", lambda kernel, c: Configured(kernel, c))
+    monkeypatch.setattr(fastbn.cuda, "_REUSE_LAUNCHERS", True)
+    monkeypatch.setattr(fastbn.cuda, "_launchers", {})
+    x = make_case(rng, (4, 3, 5), 1, np.float32)[0]
+    xd = cuda.to_device(x)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         stats = fastbn.forward(xd)[1]
         fastbn.backward(xd, xd, stats)
         assert not caught, [str(w.message) for w in caught]
+        assert counts["configured"] > 0
+        monkeypatch.setattr(warnings, "catch_warnings", counted_catch_warnings)
+        counts.update(configured=0, launched=0)
+        y, stats = fastbn.forward(xd)
+        fastbn.backward(xd, xd, stats)
+        assert counts == {"configured": 0, "launched": counts["launched"], "catch_warnings": 0}
+        assert counts["launched"] > 0, "the calls launched their reused configurations"
+        assert_close(host(y), reference.forward(x)[0], tol_for(np.float32), "y")
+        monkeypatch.setattr(warnings, "catch_warnings", catch_warnings)
         fastbn.cuda._cast[1, 1]  # someone else's launch still warns
-    assert [w.category for w in caught] == [NumbaPerformanceWarning]
+    assert [w.category for w in caught] == [NumbaPerformanceWarning,
+                                            CudaCoreWarning]
+    pattern = re.compile(fastbn.cuda._LOW_OCCUPANCY)
+    assert all(pattern.match(str(w.message)) for w in caught)
 
 
 # -- the production block sizes -------------------------------------------------------------------
@@ -388,3 +555,36 @@ def test_production_block_sizes(shape, axis, training, rng):
     assert_close(host(dx), rdx, 1e-10, "dx")
     assert_close(host(dgamma), rdgamma, 1e-10, "dgamma")
     assert_close(host(dbeta), rdbeta, 1e-10, "dbeta")
+
+
+def _exact_moments(x, axis):
+    """``(mean, M2)`` per channel of float64 ``x``, exactly (integer arithmetic on the values'
+    binary fractions), as Fractions."""
+    rows = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
+    n = rows.shape[0]
+    means, m2s = [], []
+    for column in rows.T:
+        ratios = [v.as_integer_ratio() for v in column.tolist()]
+        scale = max(den for _, den in ratios)
+        values = [num * (scale // den) for num, den in ratios]
+        total, squares = sum(values), sum(v * v for v in values)
+        means.append(Fraction(total, n * scale))
+        m2s.append(Fraction(n * squares - total * total, n * scale * scale))
+    return means, m2s
+
+
+@pytest.mark.production_blocks
+@pytest.mark.parametrize("shape", [(700, 2, 7, 7), (2048, 32, 1)], ids=["planar", "rows"])
+def test_production_block_sizes_with_many_values_per_thread(shape, rng):
+    """Moments at the production block sizes on shapes that give each thread several tiles of
+    values (and each channel two pieces): against exact rational arithmetic."""
+    x = make_case(rng, shape, 1, np.float64, offset=1e4)[0]
+    planar, piece, pieces = fastbn.cuda._pieces((shape[0], shape[1], int(np.prod(shape[2:]))))
+    lanes = fastbn.cuda.THREADS // (1 if planar else min(fastbn.cuda.COLUMNS, shape[1]))
+    assert pieces == 2 and piece // lanes >= 3 * fastbn.cuda.TILE, "several tiles per thread"
+    total = fastbn.moments(cuda.to_device(x))
+    means, m2s = _exact_moments(x, 1)
+    for c, (mean, m2) in enumerate(zip(means, m2s)):
+        assert abs(Fraction(total.mean[c]) - mean) <= Fraction(1, 10**15) * abs(mean), c
+        assert abs(Fraction(total.m2[c]) - m2) <= Fraction(1, 10**14) * m2, (c, total.m2[c],
+                                                                              float(m2))

@@ -30,6 +30,55 @@ def test_cuda_available_agrees_with_numba():
     assert proc.stdout.split()[-1] == repr(gpu_usable()), proc.stdout
 
 
+ORDINAL_QUERY = """
+import fastbn.cuda
+from numba import cuda
+from numba.cuda.cudadrv.error import CudaSupportError
+ordinal = fastbn.cuda._ordinal_query()  # the driver API's names, resolved without a GPU
+if fastbn.cuda.available():
+    pointer = fastbn.cuda.interface(cuda.device_array(4))["data"][0]
+    print(ordinal(pointer) == cuda.get_current_device().id)
+else:
+    try:
+        ordinal(1 << 20)
+    except CudaSupportError:  # as far as it goes without a driver
+        print(True)
+"""
+
+
+@pytest.mark.parametrize("where", ["real GPU" if gpu_usable() else "no GPU"])
+def test_the_pointer_query_runs_on_the_installed_numba(where):
+    """fastbn.cuda's question to the driver (which GPU holds a pointer, asked when several are
+    visible) resolves on the installed numba.cuda (numba-cuda's bindings, or numba's ctypes API)
+    outside the simulator: on a GPU it names the current one; without one it gets as far as the
+    driver."""
+    proc = run_python("-c", ORDINAL_QUERY, env={"NUMBA_ENABLE_CUDASIM": None}, timeout=300)
+    assert proc.stdout.split()[-1:] == ["True"], proc.stdout + proc.stderr
+
+
+LAUNCHER = """
+import re, warnings
+import fastbn.cuda
+warnings.simplefilter("error")  # a warning that escapes raises
+first = fastbn.cuda._launcher(fastbn.cuda._cast, 1, 256, 0)
+print(first is fastbn.cuda._launcher(fastbn.cuda._cast, 1, 256, 0))
+try:
+    fastbn.cuda._cast[3, 256, 0]
+except Warning as warning:
+    print(type(warning).__name__, bool(re.match(fastbn.cuda._LOW_OCCUPANCY, str(warning))))
+"""
+
+
+def test_launches_are_configured_once_without_the_warning():
+    """On the installed numba.cuda's own dispatcher (no simulator; configuring needs no GPU):
+    fastbn's configuration of a small grid is made once and reused, and its low-occupancy
+    warning, whichever class the installed numba gives it, does not escape, while someone
+    else's configuration still warns with the message fastbn filters."""
+    proc = run_python("-c", LAUNCHER, env={"NUMBA_ENABLE_CUDASIM": None}, timeout=300)
+    assert proc.stdout.split()[-3:] == ["True", "NumbaPerformanceWarning", "True"], (
+        proc.stdout + proc.stderr)
+
+
 @pytest.mark.parametrize("where", ["real GPU" if gpu_usable() else "no GPU"])
 def test_python_m_fastbn_device_cuda(where):
     """``python -m fastbn --device cuda``: the table on a GPU; without one, a one-line message
