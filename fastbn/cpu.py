@@ -255,47 +255,44 @@ _backward_coefficients_jit = njit(**_helper)(_backward_coefficients)
 # -- planar -----------------------------------------------------------------------------------
 
 
-# The helpers below loop over a whole chunk (rows [r0, r1) of channel c, columns [i0, i1)), not a
-# single run: a call costs more than a short run's work (7×7 planes), as Numba does not inline
-# one compiled function into another.
+# The sums with reassociation work on one run each, a C-contiguous 1-D array: compiled on their
+# own, their loops vectorize there, and that order of the sums is the one every caller links in.
+# (A sum over a whole chunk, loops over rows and runs in one helper, was vectorized afresh where
+# it was compiled into a kernel, differently in the serial and the parallel builds: other bits.)
 
 
 @njit(fastmath=_SUM_MATH, **_helper)
-def _sum_minus(x, c, r0, r1, i0, i1, centre):
+def _sum_minus(run, centre):
     s = 0.0
-    for r in range(r0, r1):
-        run = x[r, c, i0:i1]
-        # An index loop from 0 (Numba's array iterator does not vectorize, and an index it cannot
-        # prove non-negative gets a wraparound check that stops vectorization).
-        for i in range(run.size):
-            s += run[i] - centre
+    for i in range(run.size):  # an index loop: Numba's array iterator does not vectorize
+        s += run[i] - centre
     return s
 
 
 @njit(fastmath=_SUM_MATH, **_helper)
-def _sums_of_deviations(x, c, r0, r1, i0, i1, centre):
+def _sums_of_deviations(run, centre):
     s = 0.0
     ss = 0.0
-    for r in range(r0, r1):
-        run = x[r, c, i0:i1]
-        for i in range(run.size):
-            d = run[i] - centre
-            s += d
-            ss += d * d
+    for i in range(run.size):
+        d = run[i] - centre
+        s += d
+        ss += d * d
     return s, ss
 
 
 @njit(fastmath=_SUM_MATH, **_helper)
-def _sums_for_gradient(dy, x, c, r0, r1, i0, i1, mean):
+def _sums_for_gradient(dy_run, x_run, mean):
     s = 0.0
     sx = 0.0
-    for r in range(r0, r1):
-        dy_run, x_run = dy[r, c, i0:i1], x[r, c, i0:i1]
-        for i in range(x_run.size):
-            g = np.float64(dy_run[i])
-            s += g
-            sx += g * (x_run[i] - mean)
+    for i in range(dy_run.size):
+        g = np.float64(dy_run[i])
+        s += g
+        sx += g * (x_run[i] - mean)
     return s, sx
+
+
+# The maps loop over a group of runs in one call: a call per short run (7×7 planes) costs more
+# than its work, as Numba does not inline one compiled function into another.
 
 
 @njit(fastmath=_MAP_MATH, **_helper)
@@ -345,11 +342,18 @@ def _planar_chunk(j, outer, inner, rows, pieces):
 def _chunk_moments(x, c, shift, r0, r1, i0, i1):
     """``(n, mean − shift, M2)`` of channel ``c``'s chunk, exactly: two passes while in cache."""
     n = (r1 - r0) * (i1 - i0)
-    s = _sum_minus(x, c, r0, r1, i0, i1, shift)
+    s = 0.0
+    for r in range(r0, r1):
+        s += _sum_minus(x[r, c, i0:i1], shift)
     # Second pass about the chunk's own mean, corrected (Chan, Golub & LeVeque): exact even when
     # the first pass's mean is off, and a constant chunk gives M2 = 0 exactly.
     centre = shift + s / n
-    sd, sdd = _sums_of_deviations(x, c, r0, r1, i0, i1, centre)
+    sd = 0.0
+    sdd = 0.0
+    for r in range(r0, r1):
+        a, b = _sums_of_deviations(x[r, c, i0:i1], centre)
+        sd += a
+        sdd += b
     m2 = sdd - sd * sd / n
     return np.float64(n), (centre - shift) + sd / n, 0.0 if m2 < 0.0 else m2  # NaN passes
 
@@ -369,6 +373,17 @@ def _planar_moments(x, shift, rows, pieces):
     return merge(counts, means, m2s)[1:]
 
 
+@njit(**_helper)
+def _chunk_grad_sums(dy, x, c, mean, r0, r1, i0, i1):
+    s = 0.0
+    sx = 0.0
+    for r in range(r0, r1):
+        a, b = _sums_for_gradient(dy[r, c, i0:i1], x[r, c, i0:i1], mean)
+        s += a
+        sx += b
+    return s, sx
+
+
 @_kernel
 def _planar_grad_sums(dy, x, mean, rows, pieces):
     outer, channels, inner = x.shape
@@ -377,8 +392,8 @@ def _planar_grad_sums(dy, x, mean, rows, pieces):
     for w in prange(channels * chunks):
         c = w // chunks
         j = w % chunks
-        r0, r1, i0, i1 = _planar_chunk(j, outer, inner, rows, pieces)
-        sums[0, j, c], sums[1, j, c] = _sums_for_gradient(dy, x, c, r0, r1, i0, i1, mean[c])
+        sums[0, j, c], sums[1, j, c] = _chunk_grad_sums(
+            dy, x, c, mean[c], *_planar_chunk(j, outer, inner, rows, pieces))
     return _add_partials(sums)
 
 
