@@ -255,10 +255,11 @@ _backward_coefficients_jit = njit(**_helper)(_backward_coefficients)
 # -- planar -----------------------------------------------------------------------------------
 
 
-# The sums with reassociation work on one run each, a C-contiguous 1-D array: compiled on their
-# own, their loops vectorize there, and that order of the sums is the one every caller links in.
-# (A sum over a whole chunk, loops over rows and runs in one helper, was vectorized afresh where
-# it was compiled into a kernel, differently in the serial and the parallel builds: other bits.)
+# The sums with reassociation work on one run each (a C-contiguous 1-D array), as they always
+# have. A version that summed a whole chunk (rows and runs) in one helper gave other bits in the
+# serial and the parallel builds (a forked child's Σdy differed from its parent's in the last
+# bits, tests/test_concurrency.py): with reassociation the compiler picks the order of the sums,
+# and it evidently picked differently where the helper was compiled into each build.
 
 
 @njit(fastmath=_SUM_MATH, **_helper)
