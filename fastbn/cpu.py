@@ -886,14 +886,15 @@ def output(view, out, like):
 
 
 def per_channel(values, channels, fill=None, copy=False):
-    """``(C,)`` values as a float64 array here; ``None`` gives ``fill`` everywhere (or None).
+    """``(C,)`` values as a float64 array here; ``None`` gives ``fill`` everywhere (or None), an
+    array made once per size and only ever read (gamma and beta left out).
 
     A float64 array is returned as it is unless ``copy``; a GPU one is copied to the host.
     """
     if isinstance(values, np.ndarray):
         return np.array(values, np.float64) if copy else np.asarray(values, np.float64)
     if values is None:
-        return None if fill is None else np.full(channels, fill, np.float64)
+        return None if fill is None else _constant(float(fill), channels)
     return values.copy_to_host().astype(np.float64, copy=False)  # a device array
 
 
