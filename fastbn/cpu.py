@@ -223,6 +223,25 @@ def merge(counts, means, m2s):
     return count, mean, m2
 
 
+@njit(**_helper)
+def _merge_pieces(counts, means, m2s):
+    """``merge(...)[1:]`` of non-empty pieces whose count is the same for every channel,
+    ``counts[j]``: each piece's count ratios are computed once, as ``chan`` computes them, so the
+    bits are merge's and the channel loop vectorizes (no division per channel)."""
+    mean = means[0].copy()
+    m2 = m2s[0].copy()
+    n = counts[0]
+    for j in range(1, counts.size):
+        total = n + counts[j]
+        share, weight = counts[j] / total, n * counts[j] / total
+        for c in range(mean.size):
+            delta = means[j, c] - mean[c]
+            mean[c] = mean[c] + delta * share
+            m2[c] = m2[c] + m2s[j, c] + delta * delta * weight
+        n = total
+    return mean, m2
+
+
 @njit(**_jit)
 def _add_partials(sums):
     """Sums ``(kinds, pieces, C)`` added over pieces ``0, 1, ...``: ``(kinds, C)``."""
@@ -363,15 +382,18 @@ def _chunk_moments(x, c, shift, r0, r1, i0, i1):
 def _planar_moments(x, shift, rows, pieces):
     outer, channels, inner = x.shape
     chunks = (outer + rows - 1) // rows * pieces
-    counts = np.empty((chunks, channels))
     means = np.empty((chunks, channels))
     m2s = np.empty((chunks, channels))
     for w in prange(channels * chunks):
         c = w // chunks
         j = w % chunks
-        counts[j, c], means[j, c], m2s[j, c] = _chunk_moments(
+        _, means[j, c], m2s[j, c] = _chunk_moments(
             x, c, shift[c], *_planar_chunk(j, outer, inner, rows, pieces))
-    return merge(counts, means, m2s)[1:]
+    counts = np.empty(chunks)
+    for j in range(chunks):
+        r0, r1, i0, i1 = _planar_chunk(j, outer, inner, rows, pieces)
+        counts[j] = (r1 - r0) * (i1 - i0)
+    return _merge_pieces(counts, means, m2s)
 
 
 @njit(**_helper)
@@ -444,7 +466,6 @@ def _rows_moments(x, shift, segment_rows, tile_rows, column_block):
     rows, channels = x.shape
     segments = (rows + segment_rows - 1) // segment_rows
     blocks = (channels + column_block - 1) // column_block
-    counts = np.empty((segments, channels))
     means = np.empty((segments, channels))
     m2s = np.empty((segments, channels))
     for w in prange(segments * blocks):
@@ -512,9 +533,10 @@ def _rows_moments(x, shift, segment_rows, tile_rows, column_block):
                     mean[k] = mean[k] + delta * share
                     m2[k] = m2[k] + tile_m2 + delta * delta * weight
             n = total
-        for k in range(width):
-            counts[g, c0 + k] = n
-    return merge(counts, means, m2s)[1:]
+    counts = np.empty(segments)
+    for g in range(segments):
+        counts[g] = min(segment_rows, rows - g * segment_rows)
+    return _merge_pieces(counts, means, m2s)
 
 
 @_kernel
@@ -682,7 +704,7 @@ def _moments_about(x3, shift, blocks):
     # Each column of a part is one piece of its channel: merge the pieces in a fixed order.
     parts = _parts(x3, fold)
     pieces = (fold + parts - 1) * inner
-    counts = np.empty((pieces, channels))
+    counts = np.empty(pieces)
     means = np.empty((pieces, channels))
     m2s = np.empty((pieces, channels))
     j = 0
@@ -695,11 +717,11 @@ def _moments_about(x3, shift, blocks):
             for i in range(inner):
                 for c in range(channels):
                     column = (k * channels + c) * inner + i
-                    counts[j, c] = rows.shape[0]
                     means[j, c] = mean[column]
                     m2s[j, c] = m2[column]
+                counts[j] = rows.shape[0]
                 j += 1
-    return merge(counts, means, m2s)[1:]
+    return _merge_pieces(counts, means, m2s)
 
 
 @_step
