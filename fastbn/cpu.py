@@ -772,8 +772,15 @@ def _forward_map(x3, y3, shift, delta, m2, gamma, beta, eps, blocks):
 @_step
 def _normalize_with(x3, y3, mean, var, gamma, beta, eps, blocks):
     """``normalize_with``, with float64 ``mean`` and ``var``."""
-    invstd = 1.0 / np.sqrt(var + eps)
-    _affine(x3, y3, mean, gamma * invstd, beta.astype(np.float64), blocks)
+    channels = mean.size
+    invstd = np.empty(channels)
+    scale = np.empty(channels)
+    bias = np.empty(channels)
+    for c in range(channels):  # a loop, not array expressions: no temporaries
+        invstd[c] = 1.0 / np.sqrt(var[c] + eps)
+        scale[c] = gamma[c] * invstd[c]
+        bias[c] = beta[c]
+    _affine(x3, y3, mean, scale, bias, blocks)
     return invstd
 
 
@@ -826,7 +833,13 @@ def _backward_map(dy3, x3, dx3, mean, invstd, gamma, sum_dy, sum_dy_xmu, count, 
     """``backward_map``."""
     if x3.size == 0:
         return
-    p, q, r = _backward_coefficients_jit(sum_dy, sum_dy_xmu, count, gamma, invstd)
+    channels = x3.shape[1]
+    p = np.empty(channels)
+    q = np.empty(channels)
+    r = np.empty(channels)
+    for c in range(channels):
+        p[c], q[c], r[c] = _backward_coefficients_jit(sum_dy[c], sum_dy_xmu[c], count, gamma[c],
+                                                      invstd[c])
     if training:
         _grad_map(dy3, x3, dx3, mean, p, q, r, blocks)
     else:
