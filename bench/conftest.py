@@ -3,6 +3,7 @@
 ``pytest bench ...`` loads this file because ``bench`` is named on the command line; a plain
 ``pytest`` collects only ``tests/`` (``testpaths`` in pyproject.toml) and never sees it.
 """
+import importlib.metadata
 import shlex
 
 import numba
@@ -42,7 +43,21 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info.update(
         fastbn=fastbn.__version__, numpy=np.__version__, numba=numba.__version__,
         torch=torch.__version__ if torch is not None else None,
-        threads=numba.get_num_threads(), threading_layer=layer)
+        threads=numba.get_num_threads(), threading_layer=layer,
+        **{name: _installed(package) for name, package in PEER_PACKAGES.items()})
+
+
+PEER_PACKAGES = {"jax": "jaxlib", "tensorflow": "tensorflow-cpu", "onnxruntime": "onnxruntime"}
+
+
+def _installed(package):
+    """The installed version of ``package`` (read without importing it), or None."""
+    for name in (package, package.removesuffix("-cpu")):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return None
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):

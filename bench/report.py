@@ -9,21 +9,28 @@ import json
 import os
 import sys
 
+from fastbn._peers import LABELS as PEER_LABELS
 from fastbn.cases import OPS as _OPS
 
 OPS = tuple(op.name for op in _OPS)
-LABELS = {"fastbn": "fastbn", "numpy": "NumPy", "torch": "PyTorch"}  # charted against memcpy
+# What the table and the chart show, each as its time over the yardstick's.
+LABELS = {"fastbn": "fastbn", "fastbn-new": "fastbn, new output", "numpy": "NumPy",
+          **PEER_LABELS}
+PEERS = tuple(PEER_LABELS)
+COPIES = ("memcpy", "copy")  # np.copyto; a copy on Numba's threads
 NONE = "–"
+FLAG = "*"  # after a peer's figure: its result failed the check against NumPy in float64
 
 
 def load(path):
-    """``(results, times, nbytes, latency)``: the JSON; per bandwidth group ``(op, layout,
-    shape)`` the fastest time of each implementation in seconds and the bytes the op moves, in
-    table order; per latency group ``(layout, shape, op)`` each implementation's median time in
-    seconds, in the order of the run."""
+    """``(results, times, nbytes, latency, invalid)``: the JSON; per bandwidth group ``(op,
+    layout, shape)`` the fastest time of each implementation in seconds and the bytes the op
+    moves, in table order; per latency group ``(layout, shape, op)`` each implementation's median
+    time in seconds, in the order of the run; the ``(group, implementation)`` pairs whose result
+    failed the check (peers only: they are timed all the same)."""
     with open(path) as f:
         results = json.load(f)
-    times, nbytes, latency = {}, {}, {}
+    times, nbytes, latency, invalid = {}, {}, {}, set()
     for bench in results["benchmarks"]:
         info = bench["extra_info"]
         if info.get("kind") == "latency":
@@ -33,9 +40,17 @@ def load(path):
         key = info["op"], info["layout"], info["shape"]
         times.setdefault(key, {})[info["impl"]] = bench["stats"]["min"]
         nbytes[key] = info["bytes"]
+        if info.get("valid") is False:
+            invalid.add((key, info["impl"]))
     # By op, then in the order of the run (layouts and shapes as fastbn.cases lists them).
     order = sorted(times, key=lambda key: OPS.index(key[0]) if key[0] in OPS else len(OPS))
-    return results, {key: times[key] for key in order}, nbytes, latency
+    return results, {key: times[key] for key in order}, nbytes, latency, invalid
+
+
+def yardstick(impls):
+    """The time of the fastest plain copy in a group (np.copyto or the threaded copy), or None."""
+    copies = [impls[name] for name in COPIES if name in impls]
+    return min(copies) if copies else None
 
 
 def _number(value):
@@ -63,8 +78,7 @@ def describe(results):
     versions = [f"fastbn {machine.get('fastbn', '?')}", f"NumPy {machine.get('numpy', '?')}",
                 f"Numba {machine.get('numba', '?')} ({machine.get('threads', '?')} threads, "
                 f"{machine.get('threading_layer') or '?'} layer)"]
-    if machine.get("torch"):
-        versions.append(f"PyTorch {machine['torch']}")
+    versions += [f"{LABELS[name]} {machine[name]}" for name in PEERS if machine.get(name)]
     where = [f"{cpu.get('brand_raw', machine.get('machine', '?'))}, "
              f"{cpu.get('count', '?')} cores", f"{machine.get('system', '?')}, "
              f"Python {machine.get('python_version', '?')}",
@@ -77,28 +91,38 @@ def describe(results):
     return lines
 
 
-def markdown(results, times, nbytes):
+def markdown(results, times, nbytes, invalid=frozenset()):
     """The report: a description of the run, then one table row per group."""
+    shown = [impl for impl in LABELS if any(impl in impls for impls in times.values())]
+    peers = [impl for impl in shown if impl in PEERS]
+    threads = results.get("machine_info", {}).get("threads", "?")
     lines = describe(results) + [
         "",
-        "Times are the minimum over each benchmark's rounds: the least disturbed by other work "
-        "on the machine. GB/s: the bytes fastbn must move at the least (x and y forward; dy, x "
-        "and dx backward) over its time. × memcpy: time over that of `np.copyto` of the same "
-        "tensor. NumPy ÷ fastbn, PyTorch ÷ fastbn: how many times faster fastbn is.",
+        f"Times are the minimum over each benchmark's rounds: the least disturbed by other work "
+        f"on the machine. × copy: time over that of the fastest plain copy of the same tensor "
+        f"(the faster of `np.copyto` and a copy on Numba's {threads} threads; which one in the "
+        f"last column). fastbn writes into a used array (`out=`); \"new output\": without "
+        f"`out=`, so that each call allocates its result and touches its pages for the first "
+        f"time. GB/s: the bytes fastbn must move at the least (x and y forward; dy, x and dx "
+        f"backward) over its time. Best peer ÷ fastbn: how many times faster fastbn is than the "
+        f"fastest peer. {FLAG}: that result failed the check against NumPy in float64 (timed "
+        f"all the same); –: not installed, or no such op.",
         "",
-        "| op | layout | shape | fastbn ms | GB/s | × memcpy | NumPy ÷ fastbn "
-        "| PyTorch ÷ fastbn | PyTorch × memcpy |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| op | layout | shape | fastbn ms | GB/s | " + " | ".join(
+            f"{LABELS[impl]} × copy" for impl in shown) + " | best peer ÷ fastbn | copy |",
+        "|---|---|---|" + "---:|" * (len(shown) + 4),
     ]
     for key, impls in times.items():
-        ours, memcpy = impls.get("fastbn"), impls.get("memcpy")
-        cells = [*key,
-                 _ms(ours) if ours is not None else NONE,
-                 _number(nbytes[key] / ours / 1e9) if ours is not None else NONE,
-                 _ratio(ours, memcpy),
-                 _ratio(impls.get("numpy"), ours),
-                 _ratio(impls.get("torch"), ours),
-                 _ratio(impls.get("torch"), memcpy)]
+        ours, copy = impls.get("fastbn"), yardstick(impls)
+        cells = [*key, _ms(ours) if ours is not None else NONE,
+                 _number(nbytes[key] / ours / 1e9) if ours is not None else NONE]
+        for impl in shown:
+            flag = FLAG if (key, impl) in invalid else ""
+            cells.append(_ratio(impls.get(impl), copy) + (flag if impl in impls else ""))
+        best = min((impls[impl] for impl in peers if impl in impls), default=None)
+        cells.append(_ratio(best, ours))
+        faster = min((name for name in COPIES if name in impls), key=impls.get, default=None)
+        cells.append({"memcpy": "np.copyto", "copy": f"{threads} threads"}.get(faster, NONE))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -127,8 +151,9 @@ def latency_markdown(latency):
     return "\n".join(lines) + "\n"
 
 
-def chart(results, times, path):
-    """Each implementation's time as a multiple of memcpy's, a bar per group, into ``path``."""
+def chart(results, times, path, invalid=frozenset()):
+    """Each implementation's time as a multiple of the fastest copy's, a bar per group, into
+    ``path``."""
     try:
         import matplotlib
     except ImportError:
@@ -137,24 +162,26 @@ def chart(results, times, path):
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    keys = [key for key in times if "memcpy" in times[key]]
+    keys = [key for key in times if yardstick(times[key]) is not None]
     impls = [impl for impl in LABELS if any(impl in times[key] for key in keys)]
     height = 0.8 / max(1, len(impls))
     fig, ax = plt.subplots(figsize=(10, 1.6 + 0.2 * len(keys) * len(impls)))
     for i, impl in enumerate(impls):
         rows = [row for row, key in enumerate(keys) if impl in times[key]]
-        ratios = [times[keys[row]][impl] / times[keys[row]]["memcpy"] for row in rows]
+        ratios = [times[keys[row]][impl] / yardstick(times[keys[row]]) for row in rows]
         bars = ax.barh([row + (i - (len(impls) - 1) / 2) * height for row in rows], ratios,
                        height, label=LABELS[impl])
-        ax.bar_label(bars, [_number(ratio) for ratio in ratios], padding=2, fontsize=7)
-    ax.axvline(1, color="black", linewidth=1, linestyle="--", label="memcpy", zorder=0)
+        ax.bar_label(bars, [_number(ratio) + (FLAG if (keys[row], impl) in invalid else "")
+                            for row, ratio in zip(rows, ratios)], padding=2, fontsize=7)
+    ax.axvline(1, color="black", linewidth=1, linestyle="--", label="fastest copy", zorder=0)
     ax.set_xscale("log")
     widths = [bar.get_width() for bar in ax.patches]
     ax.set_xlim(min(0.5, min(widths) / 1.5), 2 * max(widths))  # room for the labels
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
     ax.set_yticks(range(len(keys)), [" · ".join(key) for key in keys], fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("time ÷ memcpy time of the same tensor (log scale; lower is faster)")
+    ax.set_xlabel(f"time ÷ time of the fastest plain copy of the same tensor (log scale; lower "
+                  f"is faster; {FLAG}: failed the check)")
     machine = results.get("machine_info", {})
     ax.set_title(f"fastbn, {results.get('dtype', '')}, {machine.get('threads', '?')} threads, "
                  f"{machine.get('cpu', {}).get('brand_raw', '')}", fontsize=10)
@@ -172,17 +199,19 @@ def main(argv=None):
     parser.add_argument("--png", metavar="OUT.png", help="draw the chart here (needs matplotlib)")
     args = parser.parse_args(argv)
 
-    results, times, nbytes, latency = load(args.results)
+    results, times, nbytes, latency, invalid = load(args.results)
     if not (times or latency):
         parser.error(f"{args.results} holds no benchmarks (was it run with --benchmark-disable?)")
-    text = markdown(results, times, nbytes) if times else "\n".join(describe(results)) + "\n"
+    text = (markdown(results, times, nbytes, invalid) if times else
+            "\n".join(describe(results)) + "\n")
     if latency:
         text += "\n" + latency_markdown(latency)
     if args.png and times:
-        chart(results, times, args.png)
+        chart(results, times, args.png, invalid)
         if args.markdown:
             image = os.path.relpath(args.png, os.path.dirname(os.path.abspath(args.markdown)))
-            text += f"\n![Each implementation's time as a multiple of memcpy]({image})\n"
+            text += (f"\n![Each implementation's time as a multiple of the fastest copy's]"
+                     f"({image})\n")
     sys.stdout.write(text)
     if args.markdown:
         with open(args.markdown, "w") as f:

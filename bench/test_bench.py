@@ -1,19 +1,27 @@
-"""fastbn against plain NumPy, PyTorch and a memcpy of the same tensor, on the CPU or the GPU.
+"""fastbn against plain NumPy, the peers (PyTorch, JAX, TensorFlow, ONNX Runtime) and plain
+copies of the same tensor, on the CPU or the GPU.
 
 One benchmark per op × layout × shape × implementation, grouped ``op|layout|shape``, the ops and
-shapes from ``fastbn.cases`` (``OPS``, ``LAYOUTS``). Each benchmark calls its implementation once
-(the warm-up), checks that result against NumPy in float64, and only then times it. With
+shapes from ``fastbn.cases`` (``OPS``, ``LAYOUTS``). fastbn is timed twice: writing into a used
+array (``out=``) and, as most callers call it, into a new one (``fastbn-new``). The yardstick is
+the fastest plain copy of the tensor with fastbn's thread count: the faster of ``np.copyto``
+(``memcpy``) and a copy on Numba's threads (``copy``). Each benchmark calls its implementation
+once (the warm-up), checks that result against NumPy in float64, and only then times it: fastbn
+and NumPy fail the benchmark on a wrong result; a peer's wrong result is timed and flagged
+(``extra_info["valid"]``), as the report shows. A peer that is not installed is skipped. With
 ``--bench-device cuda`` the tensors live on the GPU, PyTorch runs on CUDA (cuDNN), memcpy is a
-device-to-device copy, plain NumPy is left out, and every timed call ends with a device
-synchronization. See README.md.
+device-to-device copy, NumPy and the CPU-only peers are left out, and every timed call ends with
+a device synchronization. See README.md.
 """
 import numba
 import numpy as np
 import pytest
 
-from fastbn.cases import LAYOUTS, OPS, Case, host, torch_batch_norm
+from fastbn import _peers
+from fastbn.cases import LAYOUTS, OPS, PEERS, Case, host, peer
 
-IMPLS = {"cpu": ("fastbn", "numpy", "torch", "memcpy"), "cuda": ("fastbn", "torch", "memcpy")}
+IMPLS = {"cpu": ("fastbn", "fastbn-new", "numpy", *PEERS, "memcpy", "copy"),
+         "cuda": ("fastbn", "fastbn-new", "torch", "memcpy")}
 # Largest error allowed against the float64 reference, as max|actual - reference| over
 # max(1, max|reference|): float32 sums over millions of values lose a few digits.
 TOLERANCE = {np.dtype(np.float32): 1e-3, np.dtype(np.float64): 1e-9}
@@ -58,26 +66,49 @@ def cases(request):
 # -- the implementations: each returns the call to time and what turns its outputs into arrays --
 
 
-def _torch(case, op):
-    bn = torch_batch_norm(case)
-    if bn is None:
-        pytest.skip('PyTorch is not installed (pip install -e ".[bench]")' if case.device == "cpu"
-                    else "this PyTorch has no CUDA")
-    return getattr(bn, op.torch), bn.numpy  # PyTorch's results as arrays in x's layout
+def _peer(name):
+    def make(case, op):
+        try:
+            bn = peer(case, name)
+        except _peers.Unavailable as reason:
+            pytest.skip(str(reason))
+        if op.peer not in getattr(bn, "OPS", (op.peer,)):
+            pytest.skip(f"{_peers.LABELS[name]} has no {op.name}")
+        return getattr(bn, op.peer), bn.numpy  # results as arrays in x's layout
+    return make
+
+
+def _fastbn_new(case, op):
+    """fastbn without ``out=``: each call allocates its result, as most callers' calls do."""
+    out, case.out = case.out, None
+    try:
+        return op.fastbn(case), host
+    finally:
+        case.out = out
+
+
+def _threaded_copy(case, op):
+    if case.device != "cpu":
+        pytest.skip("the threaded copy is the CPU's")
+    return case.threaded_copy(), host
 
 
 IMPLEMENTATIONS = {"fastbn": lambda case, op: (op.fastbn(case), host),
+                   "fastbn-new": _fastbn_new,
                    "numpy": lambda case, op: (op.numpy(case), host),
-                   "torch": _torch,
-                   "memcpy": lambda case, op: (case.memcpy(), host)}
+                   **{name: _peer(name) for name in PEERS},
+                   "memcpy": lambda case, op: (case.memcpy(), host),
+                   "copy": _threaded_copy}
+COPIES = ("memcpy", "copy")
 
 
 def _check(result, case, op, impl, to_numpy=host):
-    """Fail, with the error found, unless ``result`` agrees with the float64 reference."""
-    if impl == "memcpy":
+    """None if ``result`` agrees with the float64 reference, else what is wrong with it: fastbn,
+    NumPy and the copies fail the benchmark; a peer's wrong result is timed and flagged."""
+    if impl in COPIES:
         if not np.array_equal(host(case.out), case.host["x"]):
-            pytest.fail("memcpy: the copy differs from x; not timed", pytrace=False)
-        return
+            pytest.fail(f"{impl}: the copy differs from x; not timed", pytrace=False)
+        return None
     try:
         errors = case.errors(op, result, to_numpy)
     except ValueError as error:
@@ -85,9 +116,12 @@ def _check(result, case, op, impl, to_numpy=host):
     tolerance = TOLERANCE[case.host["x"].dtype]
     for name, error in errors.items():
         if not error <= tolerance:  # NaN fails too
-            pytest.fail(f"{impl} {op.name}: {name} differs from NumPy in float64 by {error:.1e} "
-                        f"(max abs error / max(1, max|reference|)), more than {tolerance:.0e}; "
-                        f"not timed", pytrace=False)
+            problem = (f"{name} differs from NumPy in float64 by {error:.1e} (max abs error / "
+                       f"max(1, max|reference|)), more than {tolerance:.0e}")
+            if impl not in PEERS:
+                pytest.fail(f"{impl} {op.name}: {problem}; not timed", pytrace=False)
+            return problem
+    return None
 
 
 def _rounds(nbytes, impl):
@@ -103,12 +137,13 @@ def test_bench(benchmark, cases, layout, shape, op, impl):
     # The warm-up: the first call compiles fastbn's Numba kernels, or loads them from the on-disk
     # cache that fastbn keeps, and touches every page of the output.
     result = call()
-    _check(result, case, op, impl, to_numpy)
+    problem = _check(result, case, op, impl, to_numpy)
     del result
 
     nbytes = op.moves * case.x.nbytes  # x, y; or dy, x, dx
     benchmark.group = f"{op.name}|{layout.name}|{shape_name(shape)}"
     benchmark.extra_info.update(op=op.name, layout=layout.name, shape=shape_name(shape),
                                 dtype=str(case.x.dtype), impl=impl, bytes=nbytes,
-                                device=case.device, threads=numba.get_num_threads())
+                                device=case.device, threads=numba.get_num_threads(),
+                                valid=problem is None, **({"problem": problem} if problem else {}))
     benchmark.pedantic(call, rounds=_rounds(nbytes, impl), warmup_rounds=1, iterations=1)

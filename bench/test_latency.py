@@ -73,7 +73,7 @@ def _call(case, op, impl):
             pytest.skip('PyTorch is not installed (pip install -e ".[bench]")')
         if op == LAYER:
             return _layer_step(case, impl), bn.numpy
-        return getattr(bn, next(o for o in OPS if o.name == op).torch), bn.numpy
+        return getattr(bn, next(o for o in OPS if o.name == op).peer), bn.numpy
     if op == LAYER:
         return _layer_step(case, impl), np.asarray
     spec = next(o for o in OPS if o.name == op)

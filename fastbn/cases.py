@@ -10,10 +10,11 @@ the arrays of one shape on the CPU or the GPU.
 from types import SimpleNamespace
 from typing import Callable, NamedTuple
 
+import numba
 import numpy as np
 
 import fastbn
-from fastbn import _naive
+from fastbn import _naive, _peers
 
 
 class Layout(NamedTuple):
@@ -102,23 +103,35 @@ class Op(NamedTuple):
     """One timed op: what it returns, the bytes it must move at the least, and its calls.
 
     ``fastbn`` and ``numpy`` take a :class:`Case` and return the call to time (fastbn's writes
-    into ``case.out``; NumPy's is ``fastbn._naive`` in the case's dtype); ``torch`` names the
-    method of :func:`torch_batch_norm`'s object that runs it.
+    into ``case.out``, or a new array where that is None; NumPy's is ``fastbn._naive`` in the
+    case's dtype); ``peer`` names the method of a peer (:func:`peer`) that runs it.
     """
     name: str
     outputs: tuple  # the names of what a call returns
     moves: int  # bytes moved at the least, in x.nbytes: x and y; or dy, x and dx
     fastbn: Callable
     numpy: Callable
-    torch: str
+    peer: str
 
 
 OPS = (
-    Op("train fwd", ("y",), 2, _fastbn_train_forward, _numpy_train_forward, "train_forward"),
-    Op("eval fwd", ("y",), 2, _fastbn_eval_forward, _numpy_eval_forward, "eval_forward"),
+    Op("train fwd", ("y",), 2, _fastbn_train_forward, _numpy_train_forward, _peers.TRAIN_FORWARD),
+    Op("eval fwd", ("y",), 2, _fastbn_eval_forward, _numpy_eval_forward, _peers.EVAL_FORWARD),
     Op("train bwd", ("dx", "dgamma", "dbeta"), 3, _fastbn_train_backward, _numpy_train_backward,
-       "train_backward"),
+       _peers.TRAIN_BACKWARD),
 )
+PEERS = tuple(_peers.LABELS)  # torch, jax, tensorflow, onnxruntime
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def threaded_copy(source, target):
+    """``target[...] = source`` (C-contiguous, same shape) on Numba's threads, in pieces of
+    64 KB: a plain copy with as many threads as fastbn's kernels use."""
+    flat, into = source.reshape(source.size), target.reshape(target.size)
+    piece = max(1, 65536 // source.itemsize)
+    for k in numba.prange((flat.size + piece - 1) // piece):
+        for i in range(k * piece, min((k + 1) * piece, flat.size)):
+            into[i] = flat[i]
 
 
 class Case:
@@ -167,11 +180,19 @@ class Case:
         return run
 
     def memcpy(self):
-        """The yardstick: a copy of x into ``out`` (``np.copyto``; on the GPU, device to device)."""
+        """A copy of x into ``out``: ``np.copyto`` (one thread); on the GPU, device to device."""
         x, out = self.x, self.out
         if self.device == "cuda":
             return lambda: out.copy_to_device(x)
         return lambda: np.copyto(out, x)
+
+    def threaded_copy(self):
+        """A copy of x into ``out`` with Numba's threads (``threaded_copy``); CPU only. The
+        yardstick is the faster of it and :meth:`memcpy`: the fastest plain copy of the tensor
+        with the thread count fastbn uses."""
+        x, out = self.x, self.out
+        threaded_copy(x, out)  # compiled (or loaded from the cache) before it is timed
+        return lambda: threaded_copy(x, out)
 
     def reference(self, op):
         """The outputs of ``op``: its NumPy call on float64 copies of the host arrays."""
@@ -197,16 +218,16 @@ class Case:
         return errors
 
 
-def torch_batch_norm(case):
-    """PyTorch's ops on the case's arrays (``fastbn._torch.TorchBatchNorm``, whose methods
-    ``Op.torch`` names), or None where PyTorch (on the GPU: PyTorch with CUDA) is not installed."""
-    try:
-        import torch
+def peer(case, name):
+    """Peer ``name`` (one of PEERS: ``fastbn._peers``) on the case's arrays; raises
+    ``fastbn._peers.Unavailable`` with the reason where it cannot run here."""
+    return _peers.make(name, case, MOMENTUM, EPS)
 
-        from fastbn._torch import TorchBatchNorm
-    except ImportError:
+
+def torch_batch_norm(case):
+    """PyTorch's ops on the case's arrays (``fastbn._torch.TorchBatchNorm``), or None where
+    PyTorch (on the GPU: PyTorch with CUDA) is not installed."""
+    try:
+        return peer(case, "torch")
+    except _peers.Unavailable:
         return None
-    if case.device == "cuda" and not torch.cuda.is_available():
-        return None
-    return TorchBatchNorm(case.x, case.dy, case.gamma, case.beta, case.axis, *case.running(),
-                          momentum=MOMENTUM, eps=EPS)

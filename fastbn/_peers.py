@@ -1,0 +1,249 @@
+"""The libraries a NumPy user could pick instead of fastbn, on the same arrays: the comparisons of
+``bench/`` and ``python -m fastbn``.
+
+Each peer is a class with the methods ``fastbn.cases.Op.peer`` names (``train_forward``,
+``eval_forward``, ``train_backward``; ``OPS`` lists those it has) and ``numpy(result)``, which
+turns one of its outputs into a NumPy array in x's layout. A call returns only when its results
+are computed (JAX dispatches asynchronously: its calls wait for their results). Each library is
+imported only when its peer is made: none of them is a dependency of fastbn (``pip install -e
+".[bench]"`` installs PyTorch, ``".[peers]"`` JAX, TensorFlow and ONNX Runtime).
+"""
+import numba
+import numpy as np
+
+TRAIN_FORWARD, EVAL_FORWARD, TRAIN_BACKWARD = "train_forward", "eval_forward", "train_backward"
+LABELS = {"torch": "PyTorch", "jax": "JAX", "tensorflow": "TensorFlow",
+          "onnxruntime": "ONNX Runtime"}
+
+
+class Unavailable(Exception):
+    """The peer cannot run here (not installed, no GPU build, or not this layout): the reason."""
+
+
+def make(name, case, momentum, eps):
+    """Peer ``name`` (a key of LABELS) on ``case``'s arrays; raises Unavailable."""
+    if case.device == "cuda" and name != "torch":
+        raise Unavailable(f"{LABELS[name]} is compared on the CPU only")
+    try:
+        if name == "torch":
+            import torch
+            if case.device == "cuda" and not torch.cuda.is_available():
+                raise Unavailable("this PyTorch has no CUDA")
+            from fastbn._torch import TorchBatchNorm as peer
+        elif name == "jax":
+            peer = JaxBatchNorm
+        elif name == "tensorflow":
+            peer = TensorFlowBatchNorm
+        else:
+            peer = OnnxRuntimeBatchNorm
+        return peer(case.x, case.dy, case.gamma, case.beta, case.axis, *case.running(),
+                    momentum=momentum, eps=eps)
+    except ImportError as error:
+        extra = "bench" if name == "torch" else "peers"
+        raise Unavailable(f"{LABELS[name]} is not installed ({error.name}; pip install -e "
+                          f"\".[{extra}]\")") from None
+
+
+def _channel_shape(x, axis):
+    """The shape that broadcasts a (C,) vector along ``axis`` of ``x``."""
+    shape = [1] * x.ndim
+    shape[axis] = x.shape[axis]
+    return tuple(shape)
+
+
+class JaxBatchNorm:
+    """JAX (XLA on the CPU): each op one jitted function of x's layout, the statistics and the
+    gradient written out as PyTorch computes them (backward from the saved mean and invstd)."""
+
+    OPS = (TRAIN_FORWARD, EVAL_FORWARD, TRAIN_BACKWARD)
+
+    def __init__(self, x, dy, gamma, beta, axis, running_mean, running_var, momentum, eps):
+        import jax
+        import jax.numpy as jnp
+
+        axis %= x.ndim
+        reduced = tuple(i for i in range(x.ndim) if i != axis)
+        shape = _channel_shape(x, axis)
+        count = x.size // x.shape[axis]
+
+        def statistics(x):
+            mean = jnp.mean(x, axis=reduced)
+            var = jnp.mean(jnp.square(x - mean.reshape(shape)), axis=reduced)
+            return mean, var
+
+        def normalize(x, mean, invstd, gamma, beta):
+            return ((x - mean.reshape(shape)) * (invstd * gamma).reshape(shape)
+                    + beta.reshape(shape))
+
+        def train_forward(x, gamma, beta, running_mean, running_var):
+            mean, var = statistics(x)
+            y = normalize(x, mean, jax.lax.rsqrt(var + eps), gamma, beta)
+            return (y, (1 - momentum) * running_mean + momentum * mean,
+                    (1 - momentum) * running_var + momentum * var * (count / (count - 1)))
+
+        def eval_forward(x, gamma, beta, running_mean, running_var):
+            return normalize(x, running_mean, jax.lax.rsqrt(running_var + eps), gamma, beta)
+
+        def train_backward(dy, x, gamma, mean, invstd):
+            xhat = (x - mean.reshape(shape)) * invstd.reshape(shape)
+            dbeta = jnp.sum(dy, axis=reduced)
+            dgamma = jnp.sum(dy * xhat, axis=reduced)
+            dx = (gamma * invstd).reshape(shape) * (
+                dy - (dbeta / count).reshape(shape) - xhat * (dgamma / count).reshape(shape))
+            return dx, dgamma, dbeta
+
+        put = jax.device_put
+        self.x, self.dy, self.gamma, self.beta = put(x), put(dy), put(gamma), put(beta)
+        self.running_mean, self.running_var = put(running_mean), put(running_var)
+        self._train, self._eval = jax.jit(train_forward), jax.jit(eval_forward)
+        self._backward = jax.jit(train_backward)
+        mean, var = jax.jit(statistics)(self.x)
+        self.mean, self.invstd = mean, jax.lax.rsqrt(var + eps)
+
+    def train_forward(self):
+        y, self.running_mean, self.running_var = self._train(
+            self.x, self.gamma, self.beta, self.running_mean, self.running_var)
+        return y.block_until_ready()
+
+    def eval_forward(self):
+        return self._eval(self.x, self.gamma, self.beta, self.running_mean,
+                          self.running_var).block_until_ready()
+
+    def train_backward(self):
+        results = self._backward(self.dy, self.x, self.gamma, self.mean, self.invstd)
+        return tuple(r.block_until_ready() for r in results)
+
+    @staticmethod
+    def numpy(result):
+        return np.asarray(result)
+
+
+class TensorFlowBatchNorm:
+    """TensorFlow's fused batch norm (``FusedBatchNormV3`` and its gradient, oneDNN kernels on
+    x86), in ``tf.function`` graphs. N×D runs as N×1×1×D channels-last, N×C×L as N×C×L×1; the
+    reshapes are free views in the graph, and results come back in x's shape."""
+
+    OPS = (TRAIN_FORWARD, EVAL_FORWARD, TRAIN_BACKWARD)
+
+    def __init__(self, x, dy, gamma, beta, axis, running_mean, running_var, momentum, eps):
+        import tensorflow as tf
+
+        threads = numba.get_num_threads()
+        if tf.config.threading.get_intra_op_parallelism_threads() != threads:
+            try:
+                tf.config.threading.set_intra_op_parallelism_threads(threads)
+                tf.config.threading.set_inter_op_parallelism_threads(1)
+            except RuntimeError:  # TensorFlow has already started: it keeps its thread count
+                pass
+        axis %= x.ndim
+        shape = x.shape
+        if x.ndim == 2:
+            fused, data_format = (shape[0], 1, 1, shape[1]), "NHWC"
+        elif x.ndim == 3 and axis == 1:
+            fused, data_format = (*shape, 1), "NCHW"
+        elif x.ndim in (4, 5) and axis in (1, x.ndim - 1):
+            fused = shape
+            data_format = ("NCHW" if axis == 1 else "NHWC") if x.ndim == 4 else (
+                "NCDHW" if axis == 1 else "NDHWC")
+        else:
+            raise Unavailable(f"TensorFlow's fused batch norm takes no {x.ndim}-D input with "
+                              f"channel axis {axis}")
+        def as_fused(t):
+            return tf.reshape(t, fused)
+
+        def as_x(t):
+            return tf.reshape(t, shape)
+
+        constant = tf.constant
+
+        @tf.function
+        def train_forward(x, gamma, beta, running_mean, running_var):
+            y, mean, var, *_ = tf.raw_ops.FusedBatchNormV3(
+                x=as_fused(x), scale=gamma, offset=beta, mean=running_mean,
+                variance=running_var, epsilon=eps, exponential_avg_factor=momentum,
+                data_format=data_format, is_training=True)
+            return as_x(y), mean, var
+
+        @tf.function
+        def eval_forward(x, gamma, beta, running_mean, running_var):
+            y = tf.raw_ops.FusedBatchNormV3(
+                x=as_fused(x), scale=gamma, offset=beta, mean=running_mean,
+                variance=running_var, epsilon=eps, data_format=data_format,
+                is_training=False)[0]
+            return as_x(y)
+
+        @tf.function
+        def saved(x, gamma, beta):
+            empty = tf.zeros([0], x.dtype)
+            return tf.raw_ops.FusedBatchNormV3(
+                x=as_fused(x), scale=gamma, offset=beta, mean=empty, variance=empty,
+                epsilon=eps, data_format=data_format, is_training=True)[3:]
+
+        @tf.function
+        def train_backward(dy, x, gamma, reserve_1, reserve_2, reserve_3):
+            dx, dgamma, dbeta, *_ = tf.raw_ops.FusedBatchNormGradV3(
+                y_backprop=as_fused(dy), x=as_fused(x), scale=gamma, reserve_space_1=reserve_1,
+                reserve_space_2=reserve_2, reserve_space_3=reserve_3, epsilon=eps,
+                data_format=data_format, is_training=True)
+            return as_x(dx), dgamma, dbeta
+
+        self.x, self.dy = constant(x), constant(dy)
+        self.gamma, self.beta = constant(gamma), constant(beta)
+        self.running_mean, self.running_var = constant(running_mean), constant(running_var)
+        self._train, self._eval, self._backward = train_forward, eval_forward, train_backward
+        self._reserve = saved(self.x, self.gamma, self.beta)
+
+    def train_forward(self):
+        y, self.running_mean, self.running_var = self._train(
+            self.x, self.gamma, self.beta, self.running_mean, self.running_var)
+        return y
+
+    def eval_forward(self):
+        return self._eval(self.x, self.gamma, self.beta, self.running_mean, self.running_var)
+
+    def train_backward(self):
+        return self._backward(self.dy, self.x, self.gamma, *self._reserve)
+
+    @staticmethod
+    def numpy(result):
+        return result.numpy()
+
+
+class OnnxRuntimeBatchNorm:
+    """ONNX Runtime's ``BatchNormalization`` (an inference runtime: eval forward only), on inputs
+    whose channel axis is 1, as ONNX lays them out."""
+
+    OPS = (EVAL_FORWARD,)
+
+    def __init__(self, x, dy, gamma, beta, axis, running_mean, running_var, momentum, eps):
+        import onnx
+        import onnxruntime
+        from onnx import TensorProto, helper
+
+        if axis % x.ndim != 1:
+            raise Unavailable("ONNX's BatchNormalization takes the channel axis at 1 only")
+        element = TensorProto.FLOAT if x.dtype == np.float32 else TensorProto.DOUBLE
+        channels = x.shape[1]
+        inputs = [helper.make_tensor_value_info("x", element, list(x.shape))] + [
+            helper.make_tensor_value_info(name, element, [channels])
+            for name in ("gamma", "beta", "mean", "var")]
+        graph = helper.make_graph(
+            [helper.make_node("BatchNormalization", ["x", "gamma", "beta", "mean", "var"], ["y"],
+                              epsilon=eps)],
+            "batch_norm", inputs, [helper.make_tensor_value_info("y", element, list(x.shape))])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+        onnx.checker.check_model(model)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = numba.get_num_threads()
+        options.inter_op_num_threads = 1
+        self._session = onnxruntime.InferenceSession(model.SerializeToString(), options,
+                                                     providers=["CPUExecutionProvider"])
+        self._feed = {"x": x, "gamma": gamma, "beta": beta, "mean": running_mean,
+                      "var": running_var}
+
+    def eval_forward(self):
+        return self._session.run(None, self._feed)[0]
+
+    @staticmethod
+    def numpy(result):
+        return result
