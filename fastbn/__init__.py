@@ -9,11 +9,12 @@ from ._batchnorm import BatchStats, backward, forward
 from ._checks import cuda_available
 from ._fold import fold, inference_affine
 from ._moments import Moments, merge_moments, moments, normalize
+from ._outputs import release as release_output_cache
 from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchStats", "Moments",
            "backward", "cuda_available", "fold", "forward", "inference_affine", "merge_moments",
-           "moments", "normalize"]
+           "moments", "normalize", "release_output_cache"]
 
 
 def __getattr__(name):

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import cpu
+from . import _outputs, cpu
 from ._arrays import (
     byte_range,
     call_steps,
@@ -410,7 +410,7 @@ def _lean_out(out, x, x3):
     """``(result, result3)`` where the lean path writes, or None if ``out`` needs the full checks.
     The lean path takes None (a new array), x, or a C-contiguous writable array like x."""
     if out is None:
-        out = np.empty(x.shape, x.dtype)
+        out = _outputs.empty(x.shape, x.dtype)
     elif not (out is x or (type(out) is np.ndarray and out.dtype == x.dtype
                            and out.shape == x.shape and out.flags.c_contiguous
                            and out.flags.writeable)):

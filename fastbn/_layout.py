@@ -11,6 +11,8 @@ import math
 
 import numpy as np
 
+from . import _outputs
+
 
 class ChannelView:
     """How arrays of one shape, memory order and channel axis map onto ``(outer, C, inner)``."""
@@ -39,13 +41,14 @@ class ChannelView:
 
         Returns ``(result, result3, pending)``: the array to hand back, the ``(outer, C, inner)``
         array the kernel writes, and ``None`` or a buffer to copy into ``out`` afterwards (when
-        ``out`` is not laid out like x). A new result has x's memory order, like ``np.empty_like``.
+        ``out`` is not laid out like x). A new result has x's memory order, like ``np.empty_like``
+        (large ones from ``fastbn._outputs``' cache).
         """
         if out is not None:
             in_order = out.transpose(self.perm)
             if in_order.flags.c_contiguous:
                 return out, in_order.reshape(self.shape), None
-        buffer = np.empty(self.memory_shape, dtype)
+        buffer = _outputs.empty(self.memory_shape, dtype)
         result = buffer.transpose(self.inverse)
         if out is None:
             return result, buffer.reshape(self.shape), None

@@ -66,6 +66,9 @@ MIN_WORK_ITEMS = 16  # work items a tensor is cut into at the least, so that eve
 FOLD_WIDTH = 64  # rows: rows narrower than this are read several at a time (_rows_of)
 PARALLEL_MIN = 1 << 15  # smaller tensors run on the calling thread: waking others costs more
 PLANAR_RUN = 32  # planar kernels need runs this long to pay; shorter ones are read as rows
+FUSE_MIN = 1 << 23  # planar training ops on tensors of this many bytes or more run each channel
+#                     in one work item (reduction, then the map while the channel is in cache)
+FUSE_CHANNELS = 16  # ... when they have this many channels or more (a compile-time constant)
 
 # Only the innermost sums of the planar reduction need reassociation (to vectorize). It lives in
 # small helpers of its own: fast-math flags are per instruction, so the caller's compensated
@@ -185,7 +188,8 @@ def _step(py_func):
 
 def _blocks():
     """The block sizes, as the compiled steps take them."""
-    return CHUNK, TILE_ROWS, SEGMENT, COLUMN_BLOCK, MIN_WORK_ITEMS, FOLD_WIDTH, PLANAR_RUN
+    return (CHUNK, TILE_ROWS, SEGMENT, COLUMN_BLOCK, MIN_WORK_ITEMS, FOLD_WIDTH, PLANAR_RUN,
+            FUSE_MIN)
 
 
 # -- merging per-piece results, and the coefficients of the maps ------------------------------
@@ -458,6 +462,67 @@ def _planar_grad_map(dy, x, dx, mean, p, q, r, piece):
         _grad_map_runs(dy, x, dx, run, count, i0, i1, mean, p, q, r)
 
 
+# Planar training ops on tensors larger than the cache: one work item per channel reduces the
+# channel, then maps it while its slab is still in cache (L2/L3), so the map reads from cache, not
+# memory. Same chunks, same merge order, same maps as the unfused kernels above: the same bits.
+
+
+@_kernel
+def _planar_fused_forward(x, y, gamma, beta, eps, rows, pieces, moments):
+    """Training forward of each channel in one work item; ``moments`` (3, C) receives the
+    channel's mean, biased variance and invstd."""
+    outer, channels, inner = x.shape
+    chunks = (outer + rows - 1) // rows * pieces
+    count = outer * inner
+    shift = np.empty(channels)
+    scale = np.empty(channels)
+    bias = np.empty(channels)
+    for c in prange(channels):
+        shift[c] = x[0, c, 0]
+        n, delta, m2 = 0.0, 0.0, 0.0
+        for j in range(chunks):  # merged in chunk order, as _merge_pieces merges them
+            n, delta, m2 = _chan(n, delta, m2, *_chunk_moments(
+                x, c, shift[c], *_planar_chunk(j, outer, inner, rows, pieces)))
+        moments[2, c], scale[c], bias[c] = _forward_coefficients_jit(m2, count, gamma[c],
+                                                                     beta[c], delta, eps)
+        moments[0, c] = shift[c] + delta
+        moments[1, c] = m2 / count
+        for o in range(outer - 1, -1, -1):  # the last rows read first: they are in cache
+            _map_runs(x, y, o * channels + c, 1, 0, inner, shift, scale, bias)
+
+
+@_kernel
+def _planar_fused_backward(dy, x, dx, mean, invstd, gamma, rows, pieces, sums):
+    """Training backward of each channel in one work item; ``sums`` (2, C) receives Σdy and
+    Σdy·(x − μ)."""
+    outer, channels, inner = x.shape
+    chunks = (outer + rows - 1) // rows * pieces
+    count = outer * inner
+    p = np.empty(channels)
+    q = np.empty(channels)
+    r = np.empty(channels)
+    for c in prange(channels):
+        s, sx = 0.0, 0.0
+        for j in range(chunks):  # added in chunk order, as _add_partials adds them
+            a, b = _chunk_grad_sums(dy, x, c, mean[c], *_planar_chunk(j, outer, inner, rows,
+                                                                      pieces))
+            s += a
+            sx += b
+        sums[0, c], sums[1, c] = s, sx
+        p[c], q[c], r[c] = _backward_coefficients_jit(s, sx, count, gamma[c], invstd[c])
+        for o in range(outer - 1, -1, -1):
+            _grad_map_runs(dy, x, dx, o * channels + c, 1, 0, inner, mean, p, q, r)
+
+
+@njit(**_helper)
+def _fuses(x3, blocks):
+    """Whether a planar training op runs fused (``_planar_fused_*``): a tensor of FUSE_MIN bytes
+    or more, with FUSE_CHANNELS channels or more to share among the threads (fewer leave threads
+    idle while the last channels run). Either way gives the same bits; shape alone decides."""
+    return (x3.shape[2] >= blocks[6] and 0 < x3.size * x3.itemsize >= blocks[7]
+            and x3.shape[1] >= FUSE_CHANNELS)
+
+
 # -- rows: channels-last, N×D, and planar runs too short to vectorize --------------------------
 
 
@@ -637,7 +702,7 @@ def _rows_plan(rows, width, blocks):
     columns; segments are made short enough for MIN_WORK_ITEMS items, so that a small tensor still
     gives every core work. Shape alone, never the thread count, decides the plan.
     """
-    _, tile_rows, segment, column_block, min_items, _, _ = blocks
+    tile_rows, segment, column_block, min_items = blocks[1:5]
     block = min(width, column_block)
     segments = (min_items + (width + block - 1) // block - 1) // ((width + block - 1) // block)
     tiles = max(1, min(segment // block // tile_rows,
@@ -873,8 +938,14 @@ def _store_rows(into, first, second):
 @_step
 def _train_forward(x3, y3, gamma, beta, eps, running_mean, running_var, momentum, stats,
                    blocks):
-    shift, delta, m2 = _moments(x3, blocks)
-    mean, var, invstd = _forward_map(x3, y3, shift, delta, m2, gamma, beta, eps, blocks)
+    if _fuses(x3, blocks):
+        moments = np.empty((3, x3.shape[1]))
+        _planar_fused_forward(x3, y3, gamma, beta, eps,
+                              *_planar_plan(x3.shape[0], x3.shape[2], blocks[0]), moments)
+        mean, var, invstd = moments[0], moments[1], moments[2]
+    else:
+        shift, delta, m2 = _moments(x3, blocks)
+        mean, var, invstd = _forward_map(x3, y3, shift, delta, m2, gamma, beta, eps, blocks)
     if running_mean is not None:
         count = x3.shape[0] * x3.shape[2]
         _update_running(running_mean, running_var, mean, var, momentum, count / (count - 1))
@@ -891,9 +962,15 @@ def _eval_forward(x3, y3, gamma, beta, eps, running_mean, running_var, stats, bl
 
 @_step
 def _backward(dy3, x3, dx3, mean, invstd, gamma, training, grads, blocks):
-    sum_dy, sum_dy_xmu = _gradient_sums(dy3, x3, mean, blocks)
-    _backward_map(dy3, x3, dx3, mean, invstd, gamma, sum_dy, sum_dy_xmu,
-                  x3.shape[0] * x3.shape[2], training, blocks)
+    if training and _fuses(x3, blocks):
+        sums = np.empty((2, x3.shape[1]))
+        _planar_fused_backward(dy3, x3, dx3, mean, invstd, gamma,
+                               *_planar_plan(x3.shape[0], x3.shape[2], blocks[0]), sums)
+        sum_dy, sum_dy_xmu = sums[0], sums[1]
+    else:
+        sum_dy, sum_dy_xmu = _gradient_sums(dy3, x3, mean, blocks)
+        _backward_map(dy3, x3, dx3, mean, invstd, gamma, sum_dy, sum_dy_xmu,
+                      x3.shape[0] * x3.shape[2], training, blocks)
     _store_rows(grads, sum_dy_xmu * invstd, sum_dy)
 
 

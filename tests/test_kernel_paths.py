@@ -75,3 +75,36 @@ def test_rows_sweeps(rows, width, dtype, training, blocks, monkeypatch, rng):
     dy = make_x(rng, x.shape, 1, dtype)
     mean, invstd = reference_stats(rng, x, 1, training)
     check_backward(dy, x, mean, invstd, gamma, 1, training)
+
+
+def _all_outputs(x, dy, gamma, beta, axis):
+    rm, rv = np.zeros(x.shape[axis]), np.ones(x.shape[axis])
+    y, stats = fastbn.forward(x, gamma, beta, axis=axis, running_mean=rm, running_var=rv)
+    dx, dgamma, dbeta = fastbn.backward(dy, x, stats, gamma, axis=axis)
+    return y, stats.mean, stats.invstd, rm, rv, dx, dgamma, dbeta
+
+
+@each_dtype
+@pytest.mark.parametrize("chunk", [16, 100, 8192], ids=["pieces", "rows", "whole"])
+def test_fused_planar_gives_the_unfused_bits(chunk, dtype, monkeypatch, rng):
+    """Planar training ops on big tensors run each channel in one work item (FUSE_MIN): the same
+    chunks and merge order as the unfused kernels, so the same bits, and so the reference's
+    values. CHUNK cuts a row in pieces, takes several rows per chunk, or the whole channel."""
+    import fastbn.cpu
+    channels = fastbn.cpu.FUSE_CHANNELS + 1
+    shape = (5, channels, 6, 9)
+    x = make_x(rng, shape, 1, dtype, offset=rng.uniform(-1e3, 1e3, channels))
+    dy = make_x(rng, shape, 1, dtype)
+    gamma, beta = make_affine(rng, channels)
+    monkeypatch.setattr(fastbn.cpu, "CHUNK", chunk)
+    monkeypatch.setattr(fastbn.cpu, "FUSE_MIN", 0)
+    assert fastbn.cpu._fuses.py_func(x.reshape(5, channels, 54), fastbn.cpu._blocks())
+    fused = _all_outputs(x, dy, gamma, beta, 1)
+    check_forward(x, gamma, beta, axis=1, rng=rng)
+    mean, invstd = reference_stats(rng, x, 1, True)
+    check_backward(dy, x, mean, invstd, gamma, 1, True)
+    monkeypatch.setattr(fastbn.cpu, "FUSE_MIN", 10**18)
+    unfused = _all_outputs(x, dy, gamma, beta, 1)
+    for name, a, b in zip(("y", "mean", "invstd", "running_mean", "running_var", "dx", "dgamma",
+                           "dbeta"), fused, unfused):
+        assert a.tobytes() == b.tobytes(), name
