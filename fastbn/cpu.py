@@ -67,8 +67,10 @@ FOLD_WIDTH = 64  # rows: rows narrower than this are read several at a time (_ro
 PARALLEL_MIN = 1 << 15  # smaller tensors run on the calling thread: waking others costs more
 PLANAR_RUN = 32  # planar kernels need runs this long to pay; shorter ones are read as rows
 FUSE_MIN = 1 << 23  # planar training ops on tensors of this many bytes or more run each channel
-#                     in one work item (reduction, then the map while the channel is in cache)
-FUSE_CHANNELS = 16  # ... when they have this many channels or more (a compile-time constant)
+#                     in one work item (reduction, then the map while the channel is in cache),
+FUSE_SLAB = 1 << 20  # when a channel holds at most this many bytes (it stays in L2: larger ones
+#                      are read faster in memory order, unfused)
+FUSE_CHANNELS = 16  # and the tensor has this many channels or more (a compile-time constant)
 
 # Only the innermost sums of the planar reduction need reassociation (to vectorize). It lives in
 # small helpers of its own: fast-math flags are per instruction, so the caller's compensated
@@ -189,7 +191,7 @@ def _step(py_func):
 def _blocks():
     """The block sizes, as the compiled steps take them."""
     return (CHUNK, TILE_ROWS, SEGMENT, COLUMN_BLOCK, MIN_WORK_ITEMS, FOLD_WIDTH, PLANAR_RUN,
-            FUSE_MIN)
+            FUSE_MIN, FUSE_SLAB)
 
 
 # -- merging per-piece results, and the coefficients of the maps ------------------------------
@@ -363,6 +365,16 @@ def _planar_chunk(j, outer, inner, rows, pieces):
 
 
 @njit(**_helper)
+def _planar_item(w, channels, pieces):
+    """Work item ``w`` of a planar reduction: its channel and chunk. Items follow memory order
+    (row group, channel, piece), so that each thread's share of them is one stretch of memory the
+    hardware prefetcher can follow, not rows a channel's plane apart."""
+    piece = w % pieces
+    group, c = divmod(w // pieces, channels)
+    return c, group * pieces + piece
+
+
+@njit(**_helper)
 def _chunk_moments(x, c, shift, r0, r1, i0, i1):
     """``(n, mean − shift, M2)`` of channel ``c``'s chunk, exactly: two passes while in cache."""
     n = (r1 - r0) * (i1 - i0)
@@ -389,8 +401,7 @@ def _planar_moments(x, shift, rows, pieces):
     means = np.empty((chunks, channels))
     m2s = np.empty((chunks, channels))
     for w in prange(channels * chunks):
-        c = w // chunks
-        j = w % chunks
+        c, j = _planar_item(w, channels, pieces)
         _, means[j, c], m2s[j, c] = _chunk_moments(
             x, c, shift[c], *_planar_chunk(j, outer, inner, rows, pieces))
     counts = np.empty(chunks)
@@ -417,8 +428,7 @@ def _planar_grad_sums(dy, x, mean, rows, pieces):
     chunks = (outer + rows - 1) // rows * pieces
     sums = np.empty((2, chunks, channels))
     for w in prange(channels * chunks):
-        c = w // chunks
-        j = w % chunks
+        c, j = _planar_item(w, channels, pieces)
         sums[0, j, c], sums[1, j, c] = _chunk_grad_sums(
             dy, x, c, mean[c], *_planar_chunk(j, outer, inner, rows, pieces))
     return _add_partials(sums)
@@ -517,10 +527,13 @@ def _planar_fused_backward(dy, x, dx, mean, invstd, gamma, rows, pieces, sums):
 @njit(**_helper)
 def _fuses(x3, blocks):
     """Whether a planar training op runs fused (``_planar_fused_*``): a tensor of FUSE_MIN bytes
-    or more, with FUSE_CHANNELS channels or more to share among the threads (fewer leave threads
-    idle while the last channels run). Either way gives the same bits; shape alone decides."""
-    return (x3.shape[2] >= blocks[6] and 0 < x3.size * x3.itemsize >= blocks[7]
-            and x3.shape[1] >= FUSE_CHANNELS)
+    or more (smaller ones stay in cache between the passes anyway), channels of at most
+    FUSE_SLAB bytes, and FUSE_CHANNELS channels or more to share among the threads (fewer leave
+    threads idle while the last channels run). Either way gives the same bits; shape alone
+    decides."""
+    nbytes = x3.size * x3.itemsize
+    return (x3.shape[2] >= blocks[6] and 0 < nbytes >= blocks[7]
+            and nbytes <= blocks[8] * x3.shape[1] and x3.shape[1] >= FUSE_CHANNELS)
 
 
 # -- rows: channels-last, N×D, and planar runs too short to vectorize --------------------------

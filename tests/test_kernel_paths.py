@@ -99,6 +99,10 @@ def test_fused_planar_gives_the_unfused_bits(chunk, dtype, monkeypatch, rng):
     monkeypatch.setattr(fastbn.cpu, "CHUNK", chunk)
     monkeypatch.setattr(fastbn.cpu, "FUSE_MIN", 0)
     assert fastbn.cpu._fuses.py_func(x.reshape(5, channels, 54), fastbn.cpu._blocks())
+    slab = x.nbytes // channels
+    monkeypatch.setattr(fastbn.cpu, "FUSE_SLAB", slab - 1)  # channels too big to stay in cache
+    assert not fastbn.cpu._fuses.py_func(x.reshape(5, channels, 54), fastbn.cpu._blocks())
+    monkeypatch.setattr(fastbn.cpu, "FUSE_SLAB", slab)
     fused = _all_outputs(x, dy, gamma, beta, 1)
     check_forward(x, gamma, beta, axis=1, rng=rng)
     mean, invstd = reference_stats(rng, x, 1, True)
