@@ -61,6 +61,8 @@ class JaxBatchNorm:
         import jax
         import jax.numpy as jnp
 
+        if x.dtype == np.float64:  # JAX rounds float64 input to float32 unless told otherwise
+            jax.config.update("jax_enable_x64", True)
         axis %= x.ndim
         reduced = tuple(i for i in range(x.ndim) if i != axis)
         shape = _channel_shape(x, axis)
@@ -126,6 +128,9 @@ class TensorFlowBatchNorm:
     OPS = (TRAIN_FORWARD, EVAL_FORWARD, TRAIN_BACKWARD)
 
     def __init__(self, x, dy, gamma, beta, axis, running_mean, running_var, momentum, eps):
+        if x.dtype != np.float32:
+            raise Unavailable("TensorFlow's fused batch norm takes float16, bfloat16 and float32 "
+                              "only")
         import tensorflow as tf
 
         threads = numba.get_num_threads()

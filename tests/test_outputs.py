@@ -126,7 +126,7 @@ def test_threads_get_their_own_buffers(cache, rng):
 
 def test_environment_variable_sets_the_limit():
     code = ("import fastbn._outputs as o, numpy as np; "
-            "print(o.LIMIT, o.empty((1024, 1024), np.float32).flags.owndata)")
+            "print(o.LIMIT, o.empty((o.MIN_BYTES // 8, 2), np.float32).flags.owndata)")
     proc = run_python("-c", code, env={"FASTBN_OUTPUT_CACHE": "0"})
     assert proc.stdout.split() == ["0", "True"]
     proc = run_python("-c", code, env={"FASTBN_OUTPUT_CACHE": "12345"})
