@@ -66,7 +66,7 @@ def test_results_from_the_cache_are_right(cache, rng, training):
 
 
 def test_results_in_another_memory_order_use_the_cache_too(cache, rng):
-    x, dy, gamma, beta, _, _ = make_case(rng, (6, 5, 4, 3), 1, np.float64)
+    x, _, gamma, beta, _, _ = make_case(rng, (6, 5, 4, 3), 1, np.float64)
     xt = np.asfortranarray(x)  # viewed in its memory order: the result has it too
     y, _ = fastbn.forward(xt, gamma, beta)
     assert y.flags.f_contiguous and y.base is not None
@@ -100,7 +100,7 @@ def test_no_cache_below_min_bytes_or_with_limit_zero(monkeypatch, rng):
 
 def test_threads_get_their_own_buffers(cache, rng):
     """Calls from many threads at once: every live result has memory of its own."""
-    x, dy, gamma, beta, _, _ = make_case(rng, (32, 6, 9), 1, np.float64)
+    x, _, gamma, beta, _, _ = make_case(rng, (32, 6, 9), 1, np.float64)
     expected, _, _, _, _ = reference.forward(x, gamma, beta, 1)
     results, errors = [], []
     lock = threading.Lock()
@@ -145,7 +145,7 @@ def test_a_forked_child_allocates(cache, rng):
             y, _ = fastbn.forward(x)
             ry, _, _, _, _ = reference.forward(x, None, None, 1)
             os._exit(0 if np.allclose(y, ry, rtol=1e-12, atol=1e-12) else 1)
-        except BaseException:
+        except BaseException:  # noqa: BLE001 -- the child must exit, whatever went wrong
             os._exit(2)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
