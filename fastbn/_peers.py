@@ -153,6 +153,7 @@ class TensorFlowBatchNorm:
         else:
             raise Unavailable(f"TensorFlow's fused batch norm takes no {x.ndim}-D input with "
                               f"channel axis {axis}")
+
         def as_fused(t):
             return tf.reshape(t, fused)
 

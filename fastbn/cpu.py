@@ -230,21 +230,33 @@ def merge(counts, means, m2s):
 
 
 @njit(**_helper)
+def _chan_into(n, mean, m2, n_b, mean_b, m2_b):
+    """``chan`` for every channel at once, in place: a non-empty piece of ``n_b`` values per
+    channel (``mean_b``, ``m2_b``) merged into ``mean``, ``m2`` of ``n`` values each (copied when
+    ``n`` is 0). The count ratios are computed once, as ``chan`` computes them, so the bits are
+    chan's and the channel loop vectorizes (no division per channel). Returns ``n + n_b``."""
+    if n == 0.0:
+        for c in range(mean.size):
+            mean[c], m2[c] = mean_b[c], m2_b[c]
+        return n_b
+    total = n + n_b
+    share, weight = n_b / total, n * n_b / total
+    for c in range(mean.size):
+        delta = mean_b[c] - mean[c]
+        mean[c] = mean[c] + delta * share
+        m2[c] = m2[c] + m2_b[c] + delta * delta * weight
+    return total
+
+
+@njit(**_helper)
 def _merge_pieces(counts, means, m2s):
     """``merge(...)[1:]`` of non-empty pieces whose count is the same for every channel,
-    ``counts[j]``: each piece's count ratios are computed once, as ``chan`` computes them, so the
-    bits are merge's and the channel loop vectorizes (no division per channel)."""
-    mean = means[0].copy()
-    m2 = m2s[0].copy()
-    n = counts[0]
-    for j in range(1, counts.size):
-        total = n + counts[j]
-        share, weight = counts[j] / total, n * counts[j] / total
-        for c in range(mean.size):
-            delta = means[j, c] - mean[c]
-            mean[c] = mean[c] + delta * share
-            m2[c] = m2[c] + m2s[j, c] + delta * delta * weight
-        n = total
+    ``counts[j]``, merged in order with ``_chan_into``."""
+    mean = np.empty(means.shape[1])
+    m2 = np.empty(means.shape[1])
+    n = 0.0
+    for j in range(counts.size):
+        n = _chan_into(n, mean, m2, counts[j], means[j], m2s[j])
     return mean, m2
 
 
@@ -490,14 +502,14 @@ def _planar_fused_forward(x, y, gamma, beta, eps, rows, pieces, moments):
     for c in prange(channels):
         shift[c] = x[0, c, 0]
         n, delta, m2 = 0.0, 0.0, 0.0
-        for j in range(chunks):  # merged in chunk order, as _merge_pieces merges them
+        for j in range(chunks):  # merged in chunk order, as _merge_pieces merges them (chan's bits)
             n, delta, m2 = _chan(n, delta, m2, *_chunk_moments(
                 x, c, shift[c], *_planar_chunk(j, outer, inner, rows, pieces)))
         moments[2, c], scale[c], bias[c] = _forward_coefficients_jit(m2, count, gamma[c],
                                                                      beta[c], delta, eps)
         moments[0, c] = shift[c] + delta
         moments[1, c] = m2 / count
-        for o in range(outer - 1, -1, -1):  # the last rows read first: they are in cache
+        for o in range(outer):
             _map_runs(x, y, o * channels + c, 1, 0, inner, shift, scale, bias)
 
 
@@ -520,7 +532,7 @@ def _planar_fused_backward(dy, x, dx, mean, invstd, gamma, rows, pieces, sums):
             sx += b
         sums[0, c], sums[1, c] = s, sx
         p[c], q[c], r[c] = _backward_coefficients_jit(s, sx, count, gamma[c], invstd[c])
-        for o in range(outer - 1, -1, -1):
+        for o in range(outer):
             _grad_map_runs(dy, x, dx, o * channels + c, 1, 0, inner, mean, p, q, r)
 
 
@@ -556,9 +568,6 @@ def _rows_moments(x, shift, segment_rows, tile_rows, column_block):
         s = shift[c0:c1]
         mean = means[g, c0:c1]
         m2 = m2s[g, c0:c1]
-        for k in range(width):
-            mean[k] = 0.0
-            m2[k] = 0.0
         sd = np.empty(width)
         sdd = np.empty(width)
         centre = np.empty(width)  # the tile's first row, in float64
@@ -594,23 +603,13 @@ def _rows_moments(x, shift, segment_rows, tile_rows, column_block):
                     d = xr[k] - centre[k]
                     sd[k] += d
                     sdd[k] += d * d
-            # Merged into the segment's moments (the first tile: copied) by Chan's formula, its
-            # count ratios computed once per tile (as ``_chan`` computes them) so that it
-            # vectorizes across columns.
-            total = n + nt
-            share, weight = nt / total, n * nt / total
-            for k in range(width):
+            for k in range(width):  # the tile's mean (about the shift) and M2, in sd and sdd
                 tile_m2 = sdd[k] - sd[k] * sd[k] / nt
                 if tile_m2 < 0.0:  # rounding only; NaN passes
                     tile_m2 = 0.0
-                tile_mean = (centre[k] - s[k]) + sd[k] / nt
-                if n == 0.0:
-                    mean[k], m2[k] = tile_mean, tile_m2
-                else:
-                    delta = tile_mean - mean[k]
-                    mean[k] = mean[k] + delta * share
-                    m2[k] = m2[k] + tile_m2 + delta * delta * weight
-            n = total
+                sdd[k] = tile_m2
+                sd[k] = (centre[k] - s[k]) + sd[k] / nt
+            n = _chan_into(n, mean, m2, nt, sd, sdd)  # merged into the segment's moments
     counts = np.empty(segments)
     for g in range(segments):
         counts[g] = min(segment_rows, rows - g * segment_rows)
