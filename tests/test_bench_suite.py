@@ -42,12 +42,18 @@ def test_quick_run_and_report(tmp_path):
             assert cells["copy"] in ("np.copyto", "2 threads", f"{numba.get_num_threads()} threads")
 
 
-@pytest.mark.parametrize("op", OPS, ids=[op.name for op in OPS])
-def test_check_rejects_a_wrong_result(op):
+def _bench_module():
+    """bench/test_bench.py, imported as a module (bench/ is not a package)."""
     spec = importlib.util.spec_from_file_location("bench_suite", os.path.join(ROOT, "bench",
                                                                               "test_bench.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.parametrize("op", OPS, ids=[op.name for op in OPS])
+def test_check_rejects_a_wrong_result(op):
+    bench = _bench_module()
     layout = LAYOUTS[0]
     case = Case(layout, layout.small, np.float32, "cpu")
     result = op.numpy(case)()
@@ -61,10 +67,7 @@ def test_check_rejects_a_wrong_result(op):
 
 def test_a_peers_wrong_result_is_flagged_not_failed():
     """A peer's result that fails the check is timed all the same, with the problem recorded."""
-    spec = importlib.util.spec_from_file_location("bench_suite", os.path.join(ROOT, "bench",
-                                                                              "test_bench.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_module()
     op, layout = OPS[0], LAYOUTS[0]
     case = Case(layout, layout.small, np.float32, "cpu")
     result = op.numpy(case)()
