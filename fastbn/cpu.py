@@ -50,9 +50,13 @@ import os
 import threading
 import types
 
+import llvmlite.ir as llvm_ir
 import numba
 import numpy as np
 from numba import njit, prange
+from numba import types as nb_types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
 
 from ._layout import ChannelView
 
@@ -71,6 +75,9 @@ FUSE_MIN = 1 << 23  # planar training ops on tensors of this many bytes or more 
 FUSE_SLAB = 1 << 20  # when a channel holds at most this many bytes (it stays in L2: larger ones
 #                      are read faster in memory order, unfused)
 FUSE_CHANNELS = 16  # and the tensor has this many channels or more (a compile-time constant)
+STREAM_MIN = 1 << 25  # maps write outputs of this many bytes or more with streaming stores (the
+# L3's size here: larger outputs leave the cache before anyone reads them) ...
+STREAM_RUN = 2048  # ... when their runs (planar) or float64 rows hold this many bytes or more
 
 # Only the innermost sums of the planar reduction need reassociation (to vectorize). It lives in
 # small helpers of its own: fast-math flags are per instruction, so the caller's compensated
@@ -191,7 +198,7 @@ def _step(py_func):
 def _blocks():
     """The block sizes, as the compiled steps take them."""
     return (CHUNK, TILE_ROWS, SEGMENT, COLUMN_BLOCK, MIN_WORK_ITEMS, FOLD_WIDTH, PLANAR_RUN,
-            FUSE_MIN, FUSE_SLAB)
+            FUSE_MIN, FUSE_SLAB, STREAM_MIN, STREAM_RUN)
 
 
 # -- merging per-piece results, and the coefficients of the maps ------------------------------
@@ -329,21 +336,154 @@ def _sums_for_gradient(dy_run, x_run, mean):
     return s, sx
 
 
+# -- streaming stores ---------------------------------------------------------------------------
+#
+# A map whose output is larger than the cache writes it with non-temporal stores: a plain store
+# first reads the line it writes into the cache (a third stream of memory traffic), and the line
+# is evicted before anyone reads it. The stores are claimed 32-byte aligned, so that LLVM may
+# vectorize them (x86 takes non-temporal vectors of up to 32 bytes, aligned), and the callers
+# stream from a 64-byte boundary of the output only, whole lines (``_streamed``). The values are
+# those of plain stores: the bits do not change. Measured here (docs/design.md §4): planar runs
+# of float32 and float64, and float64 rows, gain; float32 rows store 16-byte vectors, which
+# stream slower than plain stores, and short runs lose more to their heads and tails than
+# streaming saves (``_streams``).
+
+
+@intrinsic
+def _store_streaming(typingctx, array, index, value):
+    """``array[index] = value`` with a non-temporal store claimed 32-byte aligned."""
+    if not (isinstance(array, nb_types.Array) and isinstance(index, nb_types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        array_type = signature.args[0]
+        view = context.make_array(array_type)(context, builder, args[0])
+        pointer = cgutils.get_item_pointer(context, builder, array_type, view, [args[1]],
+                                           wraparound=False)
+        value = context.cast(builder, args[2], signature.args[2], array_type.dtype)
+        store = builder.store(value, pointer, align=32)
+        store.set_metadata("nontemporal",
+                           builder.module.add_metadata([llvm_ir.Constant(llvm_ir.IntType(32), 1)]))
+        return context.get_dummy_value()
+
+    return nb_types.void(array, index, value), codegen
+
+
+@intrinsic
+def _store_fence(typingctx):
+    """``sfence``: this thread's streaming stores reach memory before its later stores, so
+    before the end of the parallel region, which the caller waits for."""
+    def codegen(context, builder, signature, args):
+        fence = cgutils.get_or_insert_function(
+            builder.module, llvm_ir.FunctionType(llvm_ir.VoidType(), []), "llvm.x86.sse.sfence")
+        builder.call(fence, [])
+        return context.get_dummy_value()
+
+    return nb_types.void(), codegen
+
+
+@njit(**_helper)
+def _streams(y, blocks):
+    """Whether a map writes ``y`` (a planar view, or rows) with streaming stores."""
+    if y.size * y.itemsize < blocks[9]:
+        return False
+    if y.ndim == 3:
+        return y.shape[2] * y.itemsize >= blocks[10]
+    return y.itemsize == 8 and y.shape[1] * y.itemsize >= blocks[10]
+
+
+@njit(inline="always", **_helper)
+def _streamed(y_run):
+    """The span ``[head, body)`` of ``y_run`` to stream: whole 64-byte lines from its first line
+    boundary (none if its elements are misaligned)."""
+    size = y_run.size
+    address = y_run.ctypes.data
+    if address % y_run.itemsize != 0:
+        return size, size
+    lane = 64 // y_run.itemsize
+    head = min(size, (-(address // y_run.itemsize)) % lane)
+    return head, head + (size - head) // lane * lane
+
+
+def _at(coefficient, i):
+    """``coefficient[i]`` for a vector of per-column coefficients, the scalar itself for one."""
+
+
+@overload(_at, inline="always")
+def _at_overload(coefficient, i):
+    if isinstance(coefficient, nb_types.Array):
+        return lambda coefficient, i: coefficient[i]
+    return lambda coefficient, i: coefficient
+
+
+def _from(coefficient, start):
+    """``coefficient[start:]`` for a vector of per-column coefficients, the scalar for one."""
+
+
+@overload(_from, inline="always")
+def _from_overload(coefficient, start):
+    if isinstance(coefficient, nb_types.Array):
+        return lambda coefficient, start: coefficient[start:]
+    return lambda coefficient, start: coefficient
+
+
+# Each span is sliced so that its loop counts from 0: Numba then drops the negative-index test
+# that would keep LLVM from vectorizing.
+
+
+@njit(fastmath=_MAP_MATH, **_helper)
+def _affine_streamed(x, y, shift, scale, bias):
+    """``y = scale·(x − shift) + bias`` along a run (scalar coefficients) or a row (vectors),
+    with streaming stores."""
+    head, body = _streamed(y)
+    for i in range(head):
+        y[i] = _at(scale, i) * (x[i] - _at(shift, i)) + _at(bias, i)
+    s, a, b = _from(shift, head), _from(scale, head), _from(bias, head)
+    xs, ys = x[head:body], y[head:body]
+    for i in range(ys.size):
+        _store_streaming(ys, i, _at(a, i) * (xs[i] - _at(s, i)) + _at(b, i))
+    s, a, b = _from(shift, body), _from(scale, body), _from(bias, body)
+    xs, ys = x[body:], y[body:]
+    for i in range(ys.size):
+        ys[i] = _at(a, i) * (xs[i] - _at(s, i)) + _at(b, i)
+
+
+@njit(fastmath=_MAP_MATH, **_helper)
+def _grad_map_streamed(dy, x, dx, mean, p, q, r):
+    """``dx = p·dy + q·(x − mean) + r`` along a run or a row, with streaming stores."""
+    head, body = _streamed(dx)
+    for i in range(head):
+        dx[i] = _at(p, i) * dy[i] + _at(q, i) * (x[i] - _at(mean, i)) + _at(r, i)
+    m, pc, qc, rc = _from(mean, head), _from(p, head), _from(q, head), _from(r, head)
+    dys, xs, dxs = dy[head:body], x[head:body], dx[head:body]
+    for i in range(dxs.size):
+        _store_streaming(dxs, i,
+                         _at(pc, i) * dys[i] + _at(qc, i) * (xs[i] - _at(m, i)) + _at(rc, i))
+    m, pc, qc, rc = _from(mean, body), _from(p, body), _from(q, body), _from(r, body)
+    dys, xs, dxs = dy[body:], x[body:], dx[body:]
+    for i in range(dxs.size):
+        dxs[i] = _at(pc, i) * dys[i] + _at(qc, i) * (xs[i] - _at(m, i)) + _at(rc, i)
+
+
 # The maps loop over a group of runs in one call: a call per short run (7×7 planes) costs more
 # than its work, as Numba does not inline one compiled function into another.
 
 
 @njit(fastmath=_MAP_MATH, **_helper)
-def _map_runs(x, y, run, count, i0, i1, shift, scale, bias):
-    """``count`` runs from run ``run`` (in memory order, ``(o, c)`` then ``(o, c + 1)``)."""
+def _map_runs(x, y, run, count, i0, i1, shift, scale, bias, stream):
+    """``count`` runs from run ``run`` (in memory order, ``(o, c)`` then ``(o, c + 1)``), with
+    streaming stores if ``stream``."""
     channels = x.shape[1]
     o = run // channels
     c = run - o * channels
     for _ in range(count):
         s, a, b = shift[c], scale[c], bias[c]
         x_run, y_run = x[o, c, i0:i1], y[o, c, i0:i1]
-        for i in range(x_run.size):
-            y_run[i] = a * (x_run[i] - s) + b
+        if stream:
+            _affine_streamed(x_run, y_run, s, a, b)
+        else:
+            for i in range(x_run.size):
+                y_run[i] = a * (x_run[i] - s) + b
         c += 1
         if c == channels:
             c = 0
@@ -351,7 +491,7 @@ def _map_runs(x, y, run, count, i0, i1, shift, scale, bias):
 
 
 @njit(fastmath=_MAP_MATH, **_helper)
-def _grad_map_runs(dy, x, dx, run, count, i0, i1, mean, p, q, r):
+def _grad_map_runs(dy, x, dx, run, count, i0, i1, mean, p, q, r, stream):
     """``_map_runs`` of backward's map."""
     channels = x.shape[1]
     o = run // channels
@@ -359,8 +499,11 @@ def _grad_map_runs(dy, x, dx, run, count, i0, i1, mean, p, q, r):
     for _ in range(count):
         m, pc, qc, rc = mean[c], p[c], q[c], r[c]
         dy_run, x_run, dx_run = dy[o, c, i0:i1], x[o, c, i0:i1], dx[o, c, i0:i1]
-        for i in range(x_run.size):
-            dx_run[i] = pc * dy_run[i] + qc * (x_run[i] - m) + rc
+        if stream:
+            _grad_map_streamed(dy_run, x_run, dx_run, m, pc, qc, rc)
+        else:
+            for i in range(x_run.size):
+                dx_run[i] = pc * dy_run[i] + qc * (x_run[i] - m) + rc
         c += 1
         if c == channels:
             c = 0
@@ -467,21 +610,25 @@ def _map_item(w, rows, length, piece, per_group, pieces):
 
 
 @_kernel
-def _planar_affine(x, y, shift, scale, bias, piece):
+def _planar_affine(x, y, shift, scale, bias, piece, stream):
     outer, channels, inner = x.shape
     items, per_group, pieces = _map_items(outer * channels, inner, piece)
     for w in prange(items):
         run, count, i0, i1 = _map_item(w, outer * channels, inner, piece, per_group, pieces)
-        _map_runs(x, y, run, count, i0, i1, shift, scale, bias)
+        _map_runs(x, y, run, count, i0, i1, shift, scale, bias, stream)
+        if stream:
+            _store_fence()
 
 
 @_kernel
-def _planar_grad_map(dy, x, dx, mean, p, q, r, piece):
+def _planar_grad_map(dy, x, dx, mean, p, q, r, piece, stream):
     outer, channels, inner = x.shape
     items, per_group, pieces = _map_items(outer * channels, inner, piece)
     for w in prange(items):
         run, count, i0, i1 = _map_item(w, outer * channels, inner, piece, per_group, pieces)
-        _grad_map_runs(dy, x, dx, run, count, i0, i1, mean, p, q, r)
+        _grad_map_runs(dy, x, dx, run, count, i0, i1, mean, p, q, r, stream)
+        if stream:
+            _store_fence()
 
 
 # Planar training ops on tensors larger than the cache: one work item per channel reduces the
@@ -490,7 +637,7 @@ def _planar_grad_map(dy, x, dx, mean, p, q, r, piece):
 
 
 @_kernel
-def _planar_fused_forward(x, y, gamma, beta, eps, rows, pieces, moments):
+def _planar_fused_forward(x, y, gamma, beta, eps, rows, pieces, stream, moments):
     """Training forward of each channel in one work item; ``moments`` (3, C) receives the
     channel's mean, biased variance and invstd."""
     outer, channels, inner = x.shape
@@ -510,11 +657,13 @@ def _planar_fused_forward(x, y, gamma, beta, eps, rows, pieces, moments):
         moments[0, c] = shift[c] + delta
         moments[1, c] = m2 / count
         for o in range(outer):
-            _map_runs(x, y, o * channels + c, 1, 0, inner, shift, scale, bias)
+            _map_runs(x, y, o * channels + c, 1, 0, inner, shift, scale, bias, stream)
+        if stream:
+            _store_fence()
 
 
 @_kernel
-def _planar_fused_backward(dy, x, dx, mean, invstd, gamma, rows, pieces, sums):
+def _planar_fused_backward(dy, x, dx, mean, invstd, gamma, rows, pieces, stream, sums):
     """Training backward of each channel in one work item; ``sums`` (2, C) receives Σdy and
     Σdy·(x − μ)."""
     outer, channels, inner = x.shape
@@ -533,7 +682,9 @@ def _planar_fused_backward(dy, x, dx, mean, invstd, gamma, rows, pieces, sums):
         sums[0, c], sums[1, c] = s, sx
         p[c], q[c], r[c] = _backward_coefficients_jit(s, sx, count, gamma[c], invstd[c])
         for o in range(outer):
-            _grad_map_runs(dy, x, dx, o * channels + c, 1, 0, inner, mean, p, q, r)
+            _grad_map_runs(dy, x, dx, o * channels + c, 1, 0, inner, mean, p, q, r, stream)
+        if stream:
+            _store_fence()
 
 
 @njit(**_helper)
@@ -655,12 +806,17 @@ def _rows_grad_sums(dy, x, mean, segment_rows, column_block):
 
 
 @_kernel(fastmath=_MAP_MATH)
-def _rows_affine(x, y, shift, scale, bias, piece):
+def _rows_affine(x, y, shift, scale, bias, piece, stream):
     rows, width = x.shape
     items, per_group, pieces = _map_items(rows, width, piece)
     for w in prange(items):
         first, count, c0, c1 = _map_item(w, rows, width, piece, per_group, pieces)
         s, a, b = shift[c0:c1], scale[c0:c1], bias[c0:c1]
+        if stream:
+            for r in range(first, first + count):
+                _affine_streamed(x[r, c0:c1], y[r, c0:c1], s, a, b)
+            _store_fence()
+            continue
         swept = first
         # float32 rows wider than 64 values: loading the float64 coefficients binds the loop, so
         # four rows share each load (measured slower for float64 and for narrower rows here).
@@ -683,12 +839,17 @@ def _rows_affine(x, y, shift, scale, bias, piece):
 
 
 @_kernel(fastmath=_MAP_MATH)
-def _rows_grad_map(dy, x, dx, mean, p, q, r, piece):
+def _rows_grad_map(dy, x, dx, mean, p, q, r, piece, stream):
     rows, width = x.shape
     items, per_group, pieces = _map_items(rows, width, piece)
     for w in prange(items):
         first, count, c0, c1 = _map_item(w, rows, width, piece, per_group, pieces)
         m, pc, qc, rc = mean[c0:c1], p[c0:c1], q[c0:c1], r[c0:c1]
+        if stream:
+            for o in range(first, first + count):
+                _grad_map_streamed(dy[o, c0:c1], x[o, c0:c1], dx[o, c0:c1], m, pc, qc, rc)
+            _store_fence()
+            continue
         for o in range(first, first + count):
             gr, xr, dxr = dy[o, c0:c1], x[o, c0:c1], dx[o, c0:c1]
             for c in range(c1 - c0):
@@ -821,14 +982,15 @@ def _affine(x3, y3, shift, scale, bias, blocks):
         return
     inner = x3.shape[2]
     if inner >= blocks[6]:
-        _planar_affine(x3, y3, shift, scale, bias, blocks[0])
+        _planar_affine(x3, y3, shift, scale, bias, blocks[0], _streams(y3, blocks))
         return
     fold = _fold(x3, blocks)
     for part in range(_parts(x3, fold)):
         columns = fold if part == 0 else 1
-        _rows_affine(_rows_of(x3, fold, part == 1), _rows_of(y3, fold, part == 1),
-                     _per_column(shift, inner, columns), _per_column(scale, inner, columns),
-                     _per_column(bias, inner, columns), blocks[0])
+        y = _rows_of(y3, fold, part == 1)
+        _rows_affine(_rows_of(x3, fold, part == 1), y, _per_column(shift, inner, columns),
+                     _per_column(scale, inner, columns), _per_column(bias, inner, columns),
+                     blocks[0], _streams(y, blocks))
 
 
 @_step
@@ -892,16 +1054,17 @@ def _grad_map(dy3, x3, dx3, mean, p, q, r, blocks):
     """``dx = p·dy + q·(x − mean) + r`` per channel, written into ``dx3``."""
     inner = x3.shape[2]
     if inner >= blocks[6]:
-        _planar_grad_map(dy3, x3, dx3, mean, p, q, r, blocks[0])
+        _planar_grad_map(dy3, x3, dx3, mean, p, q, r, blocks[0], _streams(dx3, blocks))
         return
     fold = _fold(x3, blocks)
     for part in range(_parts(x3, fold)):
         columns = fold if part == 0 else 1
         leftover = part == 1
-        _rows_grad_map(_rows_of(dy3, fold, leftover), _rows_of(x3, fold, leftover),
-                       _rows_of(dx3, fold, leftover), _per_column(mean, inner, columns),
-                       _per_column(p, inner, columns), _per_column(q, inner, columns),
-                       _per_column(r, inner, columns), blocks[0])
+        dx = _rows_of(dx3, fold, leftover)
+        _rows_grad_map(_rows_of(dy3, fold, leftover), _rows_of(x3, fold, leftover), dx,
+                       _per_column(mean, inner, columns), _per_column(p, inner, columns),
+                       _per_column(q, inner, columns), _per_column(r, inner, columns), blocks[0],
+                       _streams(dx, blocks))
 
 
 @_step
@@ -953,7 +1116,8 @@ def _train_forward(x3, y3, gamma, beta, eps, running_mean, running_var, momentum
     if _fuses(x3, blocks):
         moments = np.empty((3, x3.shape[1]))
         _planar_fused_forward(x3, y3, gamma, beta, eps,
-                              *_planar_plan(x3.shape[0], x3.shape[2], blocks[0]), moments)
+                              *_planar_plan(x3.shape[0], x3.shape[2], blocks[0]),
+                              _streams(y3, blocks), moments)
         mean, var, invstd = moments[0], moments[1], moments[2]
     else:
         shift, delta, m2 = _moments(x3, blocks)
@@ -977,7 +1141,8 @@ def _backward(dy3, x3, dx3, mean, invstd, gamma, training, grads, blocks):
     if training and _fuses(x3, blocks):
         sums = np.empty((2, x3.shape[1]))
         _planar_fused_backward(dy3, x3, dx3, mean, invstd, gamma,
-                               *_planar_plan(x3.shape[0], x3.shape[2], blocks[0]), sums)
+                               *_planar_plan(x3.shape[0], x3.shape[2], blocks[0]),
+                               _streams(dx3, blocks), sums)
         sum_dy, sum_dy_xmu = sums[0], sums[1]
     else:
         sum_dy, sum_dy_xmu = _gradient_sums(dy3, x3, mean, blocks)

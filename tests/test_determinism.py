@@ -33,14 +33,20 @@ import fastbn, fastbn.cpu
 CASES = [((8, 3, 64, 64), 1), ((64, 40, 40, 3), -1), ((300, 1100), 1), ((2, 5, 30000), 1),
          ((6, 24, 50), 1), ((3, 17, 20, 20), 1)]
 SMALL = CPU_SMALL_BLOCKS
-DEFAULTS = {k: getattr(fastbn.cpu, k) for k in dict(SMALL, FUSE_MIN=0)}
+DEFAULTS = {k: getattr(fastbn.cpu, k)
+            for k in dict(SMALL, FUSE_MIN=0, STREAM_MIN=0, STREAM_RUN=0)}
 
 print("threads", numba.get_num_threads())
 # "fused": planar training ops with FUSE_CHANNELS channels or more run fused (one work item per
 # channel), and give the same bits whatever the thread count.
 FUSED = dict(SMALL, FUSE_MIN=0)
-for blocks in ("default", "small", "fused"):
-    for k, v in {"default": DEFAULTS, "small": SMALL, "fused": FUSED}[blocks].items():
+# "streamed": every map writes with streaming stores (float32 rows excepted).
+STREAMED = dict(SMALL, STREAM_MIN=0, STREAM_RUN=0)
+CONFIGS = {"default": DEFAULTS, "small": SMALL, "fused": FUSED, "streamed": STREAMED}
+for blocks, sizes in CONFIGS.items():
+    for k, v in DEFAULTS.items():
+        setattr(fastbn.cpu, k, v)
+    for k, v in sizes.items():
         setattr(fastbn.cpu, k, v)
     for shape, axis in CASES:
         for dtype in (np.float32, np.float64):
@@ -74,7 +80,7 @@ def _hashes(threads):
 
 def test_bitwise_identical_across_thread_counts():
     one = _hashes(1)
-    assert len(one) == 3 * 6 * 2
+    assert len(one) == 4 * 6 * 2
     for threads in (2, 3):
         other = _hashes(threads)
         diff = [(a, b) for a, b in zip(one, other) if a != b]

@@ -112,3 +112,65 @@ def test_fused_planar_gives_the_unfused_bits(chunk, dtype, monkeypatch, rng):
     for name, a, b in zip(("y", "mean", "invstd", "running_mean", "running_var", "dx", "dgamma",
                            "dbeta"), fused, unfused):
         assert a.tobytes() == b.tobytes(), name
+
+
+def _eval_and_aliased_outputs(x, dy, gamma, beta, axis):
+    """Eval forward, eval backward, and training backward into ``out=dy`` (a copy of dy) and
+    into a misaligned view (its first element one element past a 64-byte line)."""
+    c = x.shape[axis]
+    rm, rv = np.linspace(-1, 1, c), np.linspace(0.5, 2, c)
+    ye, se = fastbn.forward(x, gamma, beta, axis=axis, training=False, running_mean=rm,
+                            running_var=rv)
+    dxe, _, _ = fastbn.backward(dy, x, se, gamma, axis=axis, training=False)
+    _, stats = fastbn.forward(x, gamma, beta, axis=axis)
+    into_dy = dy.copy()
+    fastbn.backward(into_dy, x, stats, gamma, axis=axis, out=into_dy)
+    buffer = np.empty(x.size + 64 // x.itemsize, x.dtype)
+    start = (-(buffer.ctypes.data // x.itemsize) + 1) % (64 // x.itemsize)
+    shifted = buffer[start:start + x.size].reshape(x.shape)
+    fastbn.forward(x, gamma, beta, axis=axis, training=False, running_mean=rm, running_var=rv,
+                   out=shifted)
+    return ye, dxe, into_dy, shifted
+
+
+STREAMED = {"planar": ((4, 17, 9, 23), 1, {"CHUNK": 100}),  # runs cut in pieces
+            "planar fused": ((5, 17, 6, 9), 1, {"FUSE_MIN": 0}),
+            "rows": ((7, 300), 1, {}),
+            "rows folded": ((5, 11, 4, 3), -1, {})}
+
+
+@each_dtype
+@pytest.mark.parametrize("path", list(STREAMED))
+def test_streaming_stores_give_the_plain_bits(path, dtype, monkeypatch, rng):
+    """Maps whose output is larger than the cache write it with streaming stores (STREAM_MIN,
+    STREAM_RUN): from a 64-byte boundary of each run or row, with plain stores before and after
+    it. The values are those of the plain maps, bit for bit, aligned or not, into ``dy``
+    itself, in every map (train, eval, backward of both, the fused planar ops), and so the
+    reference's values. (float32 rows never stream: they measured slower.)"""
+    import fastbn.cpu
+    shape, axis, blocks = STREAMED[path]
+    c = shape[axis]
+    x = make_x(rng, shape, axis, dtype, offset=rng.uniform(-1e3, 1e3, c))
+    dy = make_x(rng, shape, axis, dtype)
+    gamma, beta = make_affine(rng, c)
+    shrink_blocks(monkeypatch, fastbn.cpu, dict(blocks, PARALLEL_MIN=0))
+    monkeypatch.setattr(fastbn.cpu, "STREAM_MIN", 0)
+    monkeypatch.setattr(fastbn.cpu, "STREAM_RUN", 0)
+    outer, _, inner = fastbn.cpu.view(x, axis % x.ndim).shape
+    rows = inner < fastbn.cpu.PLANAR_RUN
+    y = np.empty((outer, x.size // outer) if rows else (outer, c, inner), dtype)
+    assert fastbn.cpu._streams.py_func(y, fastbn.cpu._blocks()) == (dtype == np.float64
+                                                                     or not rows)
+    streamed = _all_outputs(x, dy, gamma, beta, axis) + _eval_and_aliased_outputs(
+        x, dy, gamma, beta, axis)
+    check_forward(x, gamma, beta, axis=axis, rng=rng)
+    check_forward(x, gamma, beta, axis=axis, training=False, rng=rng)
+    mean, invstd = reference_stats(rng, x, axis, True)
+    check_backward(dy, x, mean, invstd, gamma, axis, True)
+    monkeypatch.setattr(fastbn.cpu, "STREAM_MIN", 10**18)
+    plain = _all_outputs(x, dy, gamma, beta, axis) + _eval_and_aliased_outputs(
+        x, dy, gamma, beta, axis)
+    for name, a, b in zip(("y", "mean", "invstd", "running_mean", "running_var", "dx", "dgamma",
+                           "dbeta", "eval y", "eval dx", "dx into dy", "eval y misaligned"),
+                          streamed, plain):
+        assert a.tobytes() == b.tobytes(), name
