@@ -15,7 +15,7 @@ from fastbn.cases import OPS as _OPS
 OPS = tuple(op.name for op in _OPS)
 # What the table and the chart show, each as its time over the yardstick's.
 LABELS = {"fastbn": "fastbn", "fastbn-new": "fastbn, new output", "numpy": "NumPy",
-          **PEER_LABELS}
+          **PEER_LABELS, "streaming-copy": "streaming copy"}
 PEERS = tuple(PEER_LABELS)
 COPIES = ("memcpy", "copy")  # np.copyto; a copy on Numba's threads
 NONE = "–"
@@ -101,7 +101,8 @@ def markdown(results, times, nbytes, invalid=frozenset()):
         f"Times are the minimum over each benchmark's rounds: the least disturbed by other work "
         f"on the machine. × copy: time over that of the fastest plain copy of the same tensor "
         f"(the faster of `np.copyto` and a copy on Numba's {threads} threads; which one in the "
-        f"last column). fastbn writes into a used array (`out=`); \"new output\": without "
+        f"last column); streaming copy: the same copy with the streaming stores that fastbn's maps "
+        f"use on outputs larger than the cache, not part of the yardstick. fastbn writes into a used array (`out=`); \"new output\": without "
         f"`out=`, so that each call allocates its result and touches its pages for the first "
         f"time. GB/s: the bytes fastbn must move at the least (x and y forward; dy, x and dx "
         f"backward) over its time. Best peer ÷ fastbn: how many times faster fastbn is than the "

@@ -5,7 +5,9 @@ One benchmark per op × layout × shape × implementation, grouped ``op|layout|s
 shapes from ``fastbn.cases`` (``OPS``, ``LAYOUTS``). fastbn is timed twice: writing into a used
 array (``out=``) and, as most callers call it, into a new one (``fastbn-new``). The yardstick is
 the fastest plain copy of the tensor with fastbn's thread count: the faster of ``np.copyto``
-(``memcpy``) and a copy on Numba's threads (``copy``). Each benchmark calls its implementation
+(``memcpy``) and a copy on Numba's threads (``copy``); beside it, not part of it, the same copy
+with the streaming stores that fastbn's maps use on outputs larger than the cache
+(``streaming-copy``). Each benchmark calls its implementation
 once (the warm-up), checks that result against NumPy in float64, and only then times it: fastbn
 and NumPy fail the benchmark on a wrong result; a peer's wrong result is timed and flagged
 (``extra_info["valid"]``), as the report shows. A peer that is not installed is skipped. With
@@ -20,7 +22,7 @@ import pytest
 from fastbn import _peers
 from fastbn.cases import LAYOUTS, OPS, PEERS, Case, host, peer
 
-IMPLS = {"cpu": ("fastbn", "fastbn-new", "numpy", *PEERS, "memcpy", "copy"),
+IMPLS = {"cpu": ("fastbn", "fastbn-new", "numpy", *PEERS, "memcpy", "copy", "streaming-copy"),
          "cuda": ("fastbn", "fastbn-new", "torch", "memcpy")}
 # Largest error allowed against the float64 reference, as max|actual - reference| over
 # max(1, max|reference|): float32 sums over millions of values lose a few digits.
@@ -87,10 +89,12 @@ def _fastbn_new(case, op):
         case.out = out
 
 
-def _threaded_copy(case, op):
-    if case.device != "cpu":
-        pytest.skip("the threaded copy is the CPU's")
-    return case.threaded_copy(), host
+def _cpu_copy(kind):
+    def make(case, op):
+        if case.device != "cpu":
+            pytest.skip(f"the {kind} copy is the CPU's")
+        return getattr(case, f"{kind}_copy")(), host
+    return make
 
 
 IMPLEMENTATIONS = {"fastbn": lambda case, op: (op.fastbn(case), host),
@@ -98,8 +102,9 @@ IMPLEMENTATIONS = {"fastbn": lambda case, op: (op.fastbn(case), host),
                    "numpy": lambda case, op: (op.numpy(case), host),
                    **{name: _peer(name) for name in PEERS},
                    "memcpy": lambda case, op: (case.memcpy(), host),
-                   "copy": _threaded_copy}
-COPIES = ("memcpy", "copy")
+                   "copy": _cpu_copy("threaded"),
+                   "streaming-copy": _cpu_copy("streaming")}
+COPIES = ("memcpy", "copy", "streaming-copy")
 
 
 def _check(result, case, op, impl, to_numpy=host):

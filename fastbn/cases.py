@@ -15,6 +15,7 @@ import numpy as np
 
 import fastbn
 from fastbn import _naive, _peers
+from fastbn.cpu import _store_fence, _store_streaming, _streamed
 
 
 class Layout(NamedTuple):
@@ -134,6 +135,27 @@ def threaded_copy(source, target):
             into[i] = flat[i]
 
 
+@numba.njit(cache=True, nogil=True)
+def _copy_streamed(source, target):
+    head, body = _streamed(target)
+    target[:head] = source[:head]
+    piece, into = source[head:body], target[head:body]
+    for i in range(into.size):
+        _store_streaming(into, i, piece[i])
+    target[body:] = source[body:]
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def streaming_copy(source, target):
+    """``threaded_copy`` with the streaming stores of fastbn's maps (fastbn.cpu): the bound of
+    a map that writes its output past the cache."""
+    flat, into = source.reshape(source.size), target.reshape(target.size)
+    piece = max(1, 65536 // source.itemsize)
+    for k in numba.prange((flat.size + piece - 1) // piece):
+        _copy_streamed(flat[k * piece:(k + 1) * piece], into[k * piece:(k + 1) * piece])
+        _store_fence()
+
+
 class Case:
     """The arrays of one layout and shape, on the CPU or the GPU (``device="cuda"``: Numba device
     arrays), and the float64 NumPy reference of each op."""
@@ -193,6 +215,13 @@ class Case:
         x, out = self.x, self.out
         threaded_copy(x, out)  # compiled (or loaded from the cache) before it is timed
         return lambda: threaded_copy(x, out)
+
+    def streaming_copy(self):
+        """:meth:`threaded_copy` with streaming stores (``streaming_copy``); CPU only. Shown
+        beside the yardstick, not part of it: the bound of fastbn's streaming maps."""
+        x, out = self.x, self.out
+        streaming_copy(x, out)
+        return lambda: streaming_copy(x, out)
 
     def reference(self, op):
         """The outputs of ``op``: its NumPy call on float64 copies of the host arrays."""

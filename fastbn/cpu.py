@@ -371,12 +371,11 @@ def _store_streaming(typingctx, array, index, value):
 
 @intrinsic
 def _store_fence(typingctx):
-    """``sfence``: this thread's streaming stores reach memory before its later stores, so
-    before the end of the parallel region, which the caller waits for."""
+    """A sequentially consistent fence (a locked instruction on x86, which orders streaming
+    stores too): this thread's streaming stores, which are weakly ordered, reach memory before
+    its later stores, so before the end of the parallel region that the caller waits for."""
     def codegen(context, builder, signature, args):
-        fence = cgutils.get_or_insert_function(
-            builder.module, llvm_ir.FunctionType(llvm_ir.VoidType(), []), "llvm.x86.sse.sfence")
-        builder.call(fence, [])
+        builder.fence("seq_cst")
         return context.get_dummy_value()
 
     return nb_types.void(), codegen
