@@ -56,7 +56,7 @@ import numpy as np
 from numba import njit, prange
 from numba import types as nb_types
 from numba.core import cgutils
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic
 
 from ._layout import ChannelView
 
@@ -75,9 +75,9 @@ FUSE_MIN = 1 << 23  # planar training ops on tensors of this many bytes or more 
 FUSE_SLAB = 1 << 20  # when a channel holds at most this many bytes (it stays in L2: larger ones
 #                      are read faster in memory order, unfused)
 FUSE_CHANNELS = 16  # and the tensor has this many channels or more (a compile-time constant)
-STREAM_MIN = 1 << 25  # maps write outputs of this many bytes or more with streaming stores (the
-# L3's size here: larger outputs leave the cache before anyone reads them) ...
-STREAM_RUN = 2048  # ... when their runs (planar) or float64 rows hold this many bytes or more
+STREAM_MIN = 1 << 25  # planar maps write outputs of this many bytes or more with streaming stores
+# (the L3's size here: larger outputs leave the cache before anyone reads them) ...
+STREAM_RUN = 2048  # ... when their runs hold this many bytes or more
 
 # Only the innermost sums of the planar reduction need reassociation (to vectorize). It lives in
 # small helpers of its own: fast-math flags are per instruction, so the caller's compensated
@@ -338,15 +338,14 @@ def _sums_for_gradient(dy_run, x_run, mean):
 
 # -- streaming stores ---------------------------------------------------------------------------
 #
-# A map whose output is larger than the cache writes it with non-temporal stores: a plain store
-# first reads the line it writes into the cache (a third stream of memory traffic), and the line
-# is evicted before anyone reads it. The stores are claimed 32-byte aligned, so that LLVM may
-# vectorize them (x86 takes non-temporal vectors of up to 32 bytes, aligned), and the callers
-# stream from a 64-byte boundary of the output only, whole lines (``_streamed``). The values are
-# those of plain stores: the bits do not change. Measured here (docs/design.md §4): planar runs
-# of float32 and float64, and float64 rows, gain; float32 rows store 16-byte vectors, which
-# stream slower than plain stores, and short runs lose more to their heads and tails than
-# streaming saves (``_streams``).
+# A planar map whose output is larger than the cache writes it with non-temporal stores: a plain
+# store first reads the line it writes into the cache (a third stream of memory traffic), and the
+# line is evicted before anyone reads it. The stores are claimed 32-byte aligned, so that LLVM may
+# vectorize them (x86 takes non-temporal vectors of up to 32 bytes, aligned), and each run streams
+# whole lines from its first 64-byte boundary (``_streamed``). The values are those of plain
+# stores: the bits do not change. The rows maps do not stream (docs/design.md §4.1): float32 rows
+# store 16-byte vectors there (float64 coefficients per column), which streamed slower than plain
+# stores, and float64 rows gained less than their compilation cost.
 
 
 @intrinsic
@@ -382,16 +381,13 @@ def _store_fence(typingctx):
 
 
 @njit(**_helper)
-def _streams(y, blocks):
-    """Whether a map writes ``y`` (a planar view, or rows) with streaming stores."""
-    if y.size * y.itemsize < blocks[9]:
-        return False
-    if y.ndim == 3:
-        return y.shape[2] * y.itemsize >= blocks[10]
-    return y.itemsize == 8 and y.shape[1] * y.itemsize >= blocks[10]
+def _streams(y3, blocks):
+    """Whether a planar map writes ``y3`` with streaming stores: it is larger than the cache, and
+    its runs are long enough to pay for their heads and tails."""
+    return y3.size * y3.itemsize >= blocks[9] and y3.shape[2] * y3.itemsize >= blocks[10]
 
 
-@njit(inline="always", **_helper)
+@njit(**_helper)
 def _streamed(y_run):
     """The span ``[head, body)`` of ``y_run`` to stream: whole 64-byte lines from its first line
     boundary (none if its elements are misaligned)."""
@@ -404,64 +400,36 @@ def _streamed(y_run):
     return head, head + (size - head) // lane * lane
 
 
-def _at(coefficient, i):
-    """``coefficient[i]`` for a vector of per-column coefficients, the scalar itself for one."""
-
-
-@overload(_at, inline="always")
-def _at_overload(coefficient, i):
-    if isinstance(coefficient, nb_types.Array):
-        return lambda coefficient, i: coefficient[i]
-    return lambda coefficient, i: coefficient
-
-
-def _from(coefficient, start):
-    """``coefficient[start:]`` for a vector of per-column coefficients, the scalar for one."""
-
-
-@overload(_from, inline="always")
-def _from_overload(coefficient, start):
-    if isinstance(coefficient, nb_types.Array):
-        return lambda coefficient, start: coefficient[start:]
-    return lambda coefficient, start: coefficient
-
-
 # Each span is sliced so that its loop counts from 0: Numba then drops the negative-index test
 # that would keep LLVM from vectorizing.
 
 
 @njit(fastmath=_MAP_MATH, **_helper)
-def _affine_streamed(x, y, shift, scale, bias):
-    """``y = scale·(x − shift) + bias`` along a run (scalar coefficients) or a row (vectors),
-    with streaming stores."""
+def _affine_streamed(x, y, s, a, b):
+    """``y = a·(x − s) + b`` along a run, with streaming stores."""
     head, body = _streamed(y)
     for i in range(head):
-        y[i] = _at(scale, i) * (x[i] - _at(shift, i)) + _at(bias, i)
-    s, a, b = _from(shift, head), _from(scale, head), _from(bias, head)
+        y[i] = a * (x[i] - s) + b
     xs, ys = x[head:body], y[head:body]
     for i in range(ys.size):
-        _store_streaming(ys, i, _at(a, i) * (xs[i] - _at(s, i)) + _at(b, i))
-    s, a, b = _from(shift, body), _from(scale, body), _from(bias, body)
+        _store_streaming(ys, i, a * (xs[i] - s) + b)
     xs, ys = x[body:], y[body:]
     for i in range(ys.size):
-        ys[i] = _at(a, i) * (xs[i] - _at(s, i)) + _at(b, i)
+        ys[i] = a * (xs[i] - s) + b
 
 
 @njit(fastmath=_MAP_MATH, **_helper)
-def _grad_map_streamed(dy, x, dx, mean, p, q, r):
-    """``dx = p·dy + q·(x − mean) + r`` along a run or a row, with streaming stores."""
+def _grad_map_streamed(dy, x, dx, m, p, q, r):
+    """``dx = p·dy + q·(x − m) + r`` along a run, with streaming stores."""
     head, body = _streamed(dx)
     for i in range(head):
-        dx[i] = _at(p, i) * dy[i] + _at(q, i) * (x[i] - _at(mean, i)) + _at(r, i)
-    m, pc, qc, rc = _from(mean, head), _from(p, head), _from(q, head), _from(r, head)
+        dx[i] = p * dy[i] + q * (x[i] - m) + r
     dys, xs, dxs = dy[head:body], x[head:body], dx[head:body]
     for i in range(dxs.size):
-        _store_streaming(dxs, i,
-                         _at(pc, i) * dys[i] + _at(qc, i) * (xs[i] - _at(m, i)) + _at(rc, i))
-    m, pc, qc, rc = _from(mean, body), _from(p, body), _from(q, body), _from(r, body)
+        _store_streaming(dxs, i, p * dys[i] + q * (xs[i] - m) + r)
     dys, xs, dxs = dy[body:], x[body:], dx[body:]
     for i in range(dxs.size):
-        dxs[i] = _at(pc, i) * dys[i] + _at(qc, i) * (xs[i] - _at(m, i)) + _at(rc, i)
+        dxs[i] = p * dys[i] + q * (xs[i] - m) + r
 
 
 # The maps loop over a group of runs in one call: a call per short run (7×7 planes) costs more
@@ -805,17 +773,12 @@ def _rows_grad_sums(dy, x, mean, segment_rows, column_block):
 
 
 @_kernel(fastmath=_MAP_MATH)
-def _rows_affine(x, y, shift, scale, bias, piece, stream):
+def _rows_affine(x, y, shift, scale, bias, piece):
     rows, width = x.shape
     items, per_group, pieces = _map_items(rows, width, piece)
     for w in prange(items):
         first, count, c0, c1 = _map_item(w, rows, width, piece, per_group, pieces)
         s, a, b = shift[c0:c1], scale[c0:c1], bias[c0:c1]
-        if stream:
-            for r in range(first, first + count):
-                _affine_streamed(x[r, c0:c1], y[r, c0:c1], s, a, b)
-            _store_fence()
-            continue
         swept = first
         # float32 rows wider than 64 values: loading the float64 coefficients binds the loop, so
         # four rows share each load (measured slower for float64 and for narrower rows here).
@@ -838,17 +801,12 @@ def _rows_affine(x, y, shift, scale, bias, piece, stream):
 
 
 @_kernel(fastmath=_MAP_MATH)
-def _rows_grad_map(dy, x, dx, mean, p, q, r, piece, stream):
+def _rows_grad_map(dy, x, dx, mean, p, q, r, piece):
     rows, width = x.shape
     items, per_group, pieces = _map_items(rows, width, piece)
     for w in prange(items):
         first, count, c0, c1 = _map_item(w, rows, width, piece, per_group, pieces)
         m, pc, qc, rc = mean[c0:c1], p[c0:c1], q[c0:c1], r[c0:c1]
-        if stream:
-            for o in range(first, first + count):
-                _grad_map_streamed(dy[o, c0:c1], x[o, c0:c1], dx[o, c0:c1], m, pc, qc, rc)
-            _store_fence()
-            continue
         for o in range(first, first + count):
             gr, xr, dxr = dy[o, c0:c1], x[o, c0:c1], dx[o, c0:c1]
             for c in range(c1 - c0):
@@ -986,10 +944,9 @@ def _affine(x3, y3, shift, scale, bias, blocks):
     fold = _fold(x3, blocks)
     for part in range(_parts(x3, fold)):
         columns = fold if part == 0 else 1
-        y = _rows_of(y3, fold, part == 1)
-        _rows_affine(_rows_of(x3, fold, part == 1), y, _per_column(shift, inner, columns),
-                     _per_column(scale, inner, columns), _per_column(bias, inner, columns),
-                     blocks[0], _streams(y, blocks))
+        _rows_affine(_rows_of(x3, fold, part == 1), _rows_of(y3, fold, part == 1),
+                     _per_column(shift, inner, columns), _per_column(scale, inner, columns),
+                     _per_column(bias, inner, columns), blocks[0])
 
 
 @_step
@@ -1059,11 +1016,10 @@ def _grad_map(dy3, x3, dx3, mean, p, q, r, blocks):
     for part in range(_parts(x3, fold)):
         columns = fold if part == 0 else 1
         leftover = part == 1
-        dx = _rows_of(dx3, fold, leftover)
-        _rows_grad_map(_rows_of(dy3, fold, leftover), _rows_of(x3, fold, leftover), dx,
-                       _per_column(mean, inner, columns), _per_column(p, inner, columns),
-                       _per_column(q, inner, columns), _per_column(r, inner, columns), blocks[0],
-                       _streams(dx, blocks))
+        _rows_grad_map(_rows_of(dy3, fold, leftover), _rows_of(x3, fold, leftover),
+                       _rows_of(dx3, fold, leftover), _per_column(mean, inner, columns),
+                       _per_column(p, inner, columns), _per_column(q, inner, columns),
+                       _per_column(r, inner, columns), blocks[0])
 
 
 @_step
