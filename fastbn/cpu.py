@@ -343,9 +343,8 @@ def _sums_for_gradient(dy_run, x_run, mean):
 # line is evicted before anyone reads it. The stores are claimed 32-byte aligned, so that LLVM may
 # vectorize them (x86 takes non-temporal vectors of up to 32 bytes, aligned), and each run streams
 # whole lines from its first 64-byte boundary (``_streamed``). The values are those of plain
-# stores: the bits do not change. The rows maps do not stream (docs/design.md §4.1): float32 rows
-# store 16-byte vectors there (float64 coefficients per column), which streamed slower than plain
-# stores, and float64 rows gained less than their compilation cost.
+# stores: the bits do not change. The rows maps do not stream yet (docs/design.md §4.1 says what
+# was measured there).
 
 
 @intrinsic
