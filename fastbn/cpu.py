@@ -343,28 +343,35 @@ def _sums_for_gradient(dy_run, x_run, mean):
 # line is evicted before anyone reads it. The stores are claimed 32-byte aligned, so that LLVM may
 # vectorize them (x86 takes non-temporal vectors of up to 32 bytes, aligned), and each run streams
 # whole lines from its first 64-byte boundary (``_streamed``). The values are those of plain
-# stores: the bits do not change. The rows maps do not stream yet (docs/design.md §4.1 says what
-# was measured there).
+# stores: the bits do not change. The float32 rows maps stream whole rows with 16-byte vectors
+# (``_streams_rows``); float64 rows do not (docs/design.md §4.1 says what was measured).
 
 
-@intrinsic
-def _store_streaming(typingctx, array, index, value):
-    """``array[index] = value`` with a non-temporal store claimed 32-byte aligned."""
-    if not (isinstance(array, nb_types.Array) and isinstance(index, nb_types.Integer)):
-        return None
+def _streaming_store(align):
+    """An intrinsic ``store(array, index, value)``: ``array[index] = value`` with a non-temporal
+    store claimed ``align``-byte aligned, so that LLVM vectorizes it into stores of up to
+    ``align`` bytes."""
+    def typer(typingctx, array, index, value):
+        if not (isinstance(array, nb_types.Array) and isinstance(index, nb_types.Integer)):
+            return None
 
-    def codegen(context, builder, signature, args):
-        array_type = signature.args[0]
-        view = context.make_array(array_type)(context, builder, args[0])
-        pointer = cgutils.get_item_pointer(context, builder, array_type, view, [args[1]],
-                                           wraparound=False)
-        value = context.cast(builder, args[2], signature.args[2], array_type.dtype)
-        store = builder.store(value, pointer, align=32)
-        store.set_metadata("nontemporal",
-                           builder.module.add_metadata([llvm_ir.Constant(llvm_ir.IntType(32), 1)]))
-        return context.get_dummy_value()
+        def codegen(context, builder, signature, args):
+            array_type = signature.args[0]
+            view = context.make_array(array_type)(context, builder, args[0])
+            pointer = cgutils.get_item_pointer(context, builder, array_type, view, [args[1]],
+                                               wraparound=False)
+            value = context.cast(builder, args[2], signature.args[2], array_type.dtype)
+            store = builder.store(value, pointer, align=align)
+            store.set_metadata("nontemporal", builder.module.add_metadata(
+                [llvm_ir.Constant(llvm_ir.IntType(32), 1)]))
+            return context.get_dummy_value()
 
-    return nb_types.void(array, index, value), codegen
+        return nb_types.void(array, index, value), codegen
+    return intrinsic(typer)
+
+
+_store_streaming = _streaming_store(32)  # from a 32-byte boundary (planar runs)
+_store_streaming16 = _streaming_store(16)  # from a 16-byte boundary (float32 rows)
 
 
 @intrinsic
@@ -384,6 +391,15 @@ def _streams(y3, blocks):
     """Whether a planar map writes ``y3`` with streaming stores: it is larger than the cache, and
     its runs are long enough to pay for their heads and tails."""
     return y3.size * y3.itemsize >= blocks[9] and y3.shape[2] * y3.itemsize >= blocks[10]
+
+
+@njit(**_helper)
+def _streams_rows(y, blocks):
+    """Whether the rows maps write ``y`` (rows) with streaming stores: larger than the cache,
+    float32 rows of more than 64 values that all start on a 16-byte boundary. (A float32 map
+    stores 16-byte vectors: its float64 coefficients per column set the vector width.)"""
+    return (y.size * y.itemsize >= blocks[9] and y.itemsize == 4 and y.shape[1] > 64
+            and y.shape[1] % 4 == 0 and y.ctypes.data % 16 == 0)
 
 
 @njit(**_helper)
@@ -782,12 +798,19 @@ def _rows_grad_sums(dy, x, mean, segment_rows, column_block):
 
 
 @_kernel(fastmath=_MAP_MATH)
-def _rows_affine(x, y, shift, scale, bias, piece):
+def _rows_affine(x, y, shift, scale, bias, piece, stream):
     rows, width = x.shape
     items, per_group, pieces = _map_items(rows, width, piece)
     for w in prange(items):
         first, count, c0, c1 = _map_item(w, rows, width, piece, per_group, pieces)
         s, a, b = shift[c0:c1], scale[c0:c1], bias[c0:c1]
+        if stream:  # whole rows (pieces start at multiples of CHUNK): 16-byte aligned
+            for r in range(first, first + count):
+                xr, yr = x[r, c0:c1], y[r, c0:c1]
+                for c in range(c1 - c0):
+                    _store_streaming16(yr, c, a[c] * (xr[c] - s[c]) + b[c])
+            _store_fence()
+            continue
         swept = first
         # float32 rows wider than 64 values: loading the float64 coefficients binds the loop, so
         # four rows share each load (measured slower for float64 and for narrower rows here).
@@ -810,12 +833,19 @@ def _rows_affine(x, y, shift, scale, bias, piece):
 
 
 @_kernel(fastmath=_MAP_MATH)
-def _rows_grad_map(dy, x, dx, mean, p, q, r, piece):
+def _rows_grad_map(dy, x, dx, mean, p, q, r, piece, stream):
     rows, width = x.shape
     items, per_group, pieces = _map_items(rows, width, piece)
     for w in prange(items):
         first, count, c0, c1 = _map_item(w, rows, width, piece, per_group, pieces)
         m, pc, qc, rc = mean[c0:c1], p[c0:c1], q[c0:c1], r[c0:c1]
+        if stream:
+            for o in range(first, first + count):
+                gr, xr, dxr = dy[o, c0:c1], x[o, c0:c1], dx[o, c0:c1]
+                for c in range(c1 - c0):
+                    _store_streaming16(dxr, c, pc[c] * gr[c] + qc[c] * (xr[c] - m[c]) + rc[c])
+            _store_fence()
+            continue
         for o in range(first, first + count):
             gr, xr, dxr = dy[o, c0:c1], x[o, c0:c1], dx[o, c0:c1]
             for c in range(c1 - c0):
@@ -953,9 +983,10 @@ def _affine(x3, y3, shift, scale, bias, blocks):
     fold = _fold(x3, blocks)
     for part in range(_parts(x3, fold)):
         columns = fold if part == 0 else 1
-        _rows_affine(_rows_of(x3, fold, part == 1), _rows_of(y3, fold, part == 1),
-                     _per_column(shift, inner, columns), _per_column(scale, inner, columns),
-                     _per_column(bias, inner, columns), blocks[0])
+        y = _rows_of(y3, fold, part == 1)
+        _rows_affine(_rows_of(x3, fold, part == 1), y, _per_column(shift, inner, columns),
+                     _per_column(scale, inner, columns), _per_column(bias, inner, columns),
+                     blocks[0], _streams_rows(y, blocks))
 
 
 @_step
@@ -1025,10 +1056,11 @@ def _grad_map(dy3, x3, dx3, mean, p, q, r, blocks):
     for part in range(_parts(x3, fold)):
         columns = fold if part == 0 else 1
         leftover = part == 1
-        _rows_grad_map(_rows_of(dy3, fold, leftover), _rows_of(x3, fold, leftover),
-                       _rows_of(dx3, fold, leftover), _per_column(mean, inner, columns),
-                       _per_column(p, inner, columns), _per_column(q, inner, columns),
-                       _per_column(r, inner, columns), blocks[0])
+        dx = _rows_of(dx3, fold, leftover)
+        _rows_grad_map(_rows_of(dy3, fold, leftover), _rows_of(x3, fold, leftover), dx,
+                       _per_column(mean, inner, columns), _per_column(p, inner, columns),
+                       _per_column(q, inner, columns), _per_column(r, inner, columns), blocks[0],
+                       _streams_rows(dx, blocks))
 
 
 @_step

@@ -135,17 +135,20 @@ def _eval_and_aliased_outputs(x, dy, gamma, beta, axis):
 
 STREAMED = {"pieces": ((4, 17, 9, 23), 1, {"CHUNK": 100}),  # runs cut in pieces
             "groups": ((6, 5, 2, 19), 1, {"CHUNK": 100}),  # several runs per work item
-            "fused": ((5, 17, 6, 9), 1, {"FUSE_MIN": 0})}
+            "fused": ((5, 17, 6, 9), 1, {"FUSE_MIN": 0}),
+            "rows": ((9, 164), 1, {}),  # float32 rows only
+            "rows in pieces": ((5, 300), 1, {"CHUNK": 128}),
+            "channels-last rows": ((3, 4, 5, 68), -1, {})}
 
 
 @each_dtype
 @pytest.mark.parametrize("path", list(STREAMED))
 def test_streaming_stores_give_the_plain_bits(path, dtype, monkeypatch, rng):
-    """Planar maps whose output is larger than the cache write it with streaming stores
-    (STREAM_MIN, STREAM_RUN): from a 64-byte boundary of each run, with plain stores before and
-    after it. The values are those of the plain maps, bit for bit, aligned or not, into ``dy``
-    itself, in every map (train, eval, backward of both, the fused planar ops), and so the
-    reference's values."""
+    """Maps whose output is larger than the cache write it with streaming stores (STREAM_MIN):
+    planar runs (of STREAM_RUN bytes or more) from a 64-byte boundary, with plain stores before
+    and after it; float32 rows wider than 64 values whole, when they start 16-byte aligned. The
+    values are those of the plain maps, bit for bit, aligned or not, into ``dy`` itself, in every
+    map (train, eval, backward of both, the fused planar ops), and so the reference's values."""
     import fastbn.cpu
     shape, axis, blocks = STREAMED[path]
     c = shape[axis]
@@ -155,9 +158,12 @@ def test_streaming_stores_give_the_plain_bits(path, dtype, monkeypatch, rng):
     shrink_blocks(monkeypatch, fastbn.cpu, dict(blocks, PARALLEL_MIN=0))
     monkeypatch.setattr(fastbn.cpu, "STREAM_MIN", 0)
     monkeypatch.setattr(fastbn.cpu, "STREAM_RUN", 0)
-    x3 = x.reshape(fastbn.cpu.view(x, axis).shape)
-    assert x3.shape[2] >= fastbn.cpu.PLANAR_RUN
-    assert fastbn.cpu._streams.py_func(x3, fastbn.cpu._blocks())
+    x3 = np.empty(fastbn.cpu.view(x, axis % x.ndim).shape, dtype)
+    if path.startswith("rows") or path.startswith("channels"):
+        rows = x3.reshape(x3.shape[0], -1)
+        assert fastbn.cpu._streams_rows.py_func(rows, fastbn.cpu._blocks()) == (dtype == np.float32)
+    else:
+        assert fastbn.cpu._streams.py_func(x3, fastbn.cpu._blocks())
     streamed = _all_outputs(x, dy, gamma, beta, axis) + _eval_and_aliased_outputs(
         x, dy, gamma, beta, axis)
     check_forward(x, gamma, beta, axis=axis, rng=rng)
