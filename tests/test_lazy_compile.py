@@ -14,8 +14,7 @@ from fastbn import cpu
 def compiled():
     return {name for name, twin in vars(cpu).items()
             if isinstance(twin, cpu._Twin) and twin._kernel
-            and any(vars(twin)[build].signatures for build in ("parallel", "serial")
-                    if build in vars(twin))}
+            and any(build.signatures for build in twin._builds.values())}
 
 new = []
 for shape in ((300, 70), (8, 3, 100)):
