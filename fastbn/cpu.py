@@ -412,9 +412,9 @@ def _streams(y3, blocks):
 @njit(**_helper)
 def _streams_rows(y, blocks):
     """Whether the rows maps write ``y`` (rows) with streaming stores: larger than the cache,
-    float32 rows of more than 64 values that all start on a 16-byte boundary. (A float32 map
+    float32 rows of 64 values or more that all start on a 16-byte boundary. (A float32 map
     stores 16-byte vectors: its float64 coefficients per column set the vector width.)"""
-    return (y.size * y.itemsize >= blocks[9] and y.itemsize == 4 and y.shape[1] > 64
+    return (y.size * y.itemsize >= blocks[9] and y.itemsize == 4 and y.shape[1] >= 64
             and y.shape[1] % 4 == 0 and y.ctypes.data % 16 == 0)
 
 

@@ -138,7 +138,8 @@ STREAMED = {"pieces": ((4, 17, 9, 23), 1, {"CHUNK": 100}),  # runs cut in pieces
             "fused": ((5, 17, 6, 9), 1, {"FUSE_MIN": 0}),
             "rows": ((9, 164), 1, {}),  # float32 rows only
             "rows in pieces": ((5, 300), 1, {"CHUNK": 128}),
-            "channels-last rows": ((3, 4, 5, 68), -1, {})}
+            "channels-last rows": ((3, 4, 5, 68), -1, {}),
+            "64-wide rows": ((2, 3, 7, 64), -1, {})}  # the narrowest that stream
 
 
 @each_dtype
@@ -146,7 +147,7 @@ STREAMED = {"pieces": ((4, 17, 9, 23), 1, {"CHUNK": 100}),  # runs cut in pieces
 def test_streaming_stores_give_the_plain_bits(path, dtype, monkeypatch, rng):
     """Maps whose output is larger than the cache write it with streaming stores (STREAM_MIN):
     planar runs (of STREAM_RUN bytes or more) from a 64-byte boundary, with plain stores before
-    and after it; float32 rows wider than 64 values whole, when they start 16-byte aligned. The
+    and after it; float32 rows of 64 values or more whole, when they start 16-byte aligned. The
     values are those of the plain maps, bit for bit, aligned or not, into ``dy`` itself, in every
     map (train, eval, backward of both, the fused planar ops), and so the reference's values."""
     import fastbn.cpu
