@@ -89,6 +89,11 @@ _jit = dict(cache=True, nogil=True, error_model="numpy")
 # Helpers called only from compiled kernels get no Python wrapper: less to compile on a cold start.
 # (Calling one of them from Python would crash the interpreter.)
 _helper = dict(_jit, no_cpython_wrapper=True)
+# The paths only tensors larger than the cache take (the fused planar ops, streaming stores) are
+# compiled into the parallel builds alone: a serial build runs tensors under PARALLEL_MIN, and
+# in a forked child (SERIAL) larger ones, which then take the plain paths, with the same bits. A
+# compile-time constant, False in the serial builds (``_Twin``), so that Numba prunes them there.
+_LARGE_PATHS = True
 
 
 # -- two builds of every step: on the thread pool, and on the calling thread -------------------
@@ -161,8 +166,8 @@ class _Twin:
                 return self._builds[key]
             # A copy under another name: Numba's disk cache is keyed by the function's name and
             # signature, not by `parallel` or by the functions it calls.
-            copy = types.FunctionType(f.__code__, dict(names, **twins), f.__name__,
-                                      f.__defaults__, f.__closure__)
+            copy = types.FunctionType(f.__code__, dict(names, _LARGE_PATHS=not serial, **twins),
+                                      f.__name__, f.__defaults__, f.__closure__)
             copy.__qualname__ = (f.__qualname__ + ("_serial" if serial else "")
                                  + ("_inline" if inline else ""))
             options = dict(self._options, inline="always") if inline else self._options
@@ -478,12 +483,8 @@ def _grad_map_runs_streamed(dy, x, dx, run, count, i0, i1, mean, p, q, r):
 
 
 @njit(fastmath=_MAP_MATH, **_helper)
-def _map_runs(x, y, run, count, i0, i1, shift, scale, bias, stream):
-    """``count`` runs from run ``run`` (in memory order, ``(o, c)`` then ``(o, c + 1)``), with
-    streaming stores if ``stream``."""
-    if stream:
-        _map_runs_streamed(x, y, run, count, i0, i1, shift, scale, bias)
-        return
+def _map_runs(x, y, run, count, i0, i1, shift, scale, bias):
+    """``count`` runs from run ``run`` (in memory order, ``(o, c)`` then ``(o, c + 1)``)."""
     channels = x.shape[1]
     o = run // channels
     c = run - o * channels
@@ -499,11 +500,8 @@ def _map_runs(x, y, run, count, i0, i1, shift, scale, bias, stream):
 
 
 @njit(fastmath=_MAP_MATH, **_helper)
-def _grad_map_runs(dy, x, dx, run, count, i0, i1, mean, p, q, r, stream):
+def _grad_map_runs(dy, x, dx, run, count, i0, i1, mean, p, q, r):
     """``_map_runs`` of backward's map."""
-    if stream:
-        _grad_map_runs_streamed(dy, x, dx, run, count, i0, i1, mean, p, q, r)
-        return
     channels = x.shape[1]
     o = run // channels
     c = run - o * channels
@@ -623,9 +621,11 @@ def _planar_affine(x, y, shift, scale, bias, piece, stream):
     items, per_group, pieces = _map_items(outer * channels, inner, piece)
     for w in prange(items):
         run, count, i0, i1 = _map_item(w, outer * channels, inner, piece, per_group, pieces)
-        _map_runs(x, y, run, count, i0, i1, shift, scale, bias, stream)
-        if stream:
+        if _LARGE_PATHS and stream:
+            _map_runs_streamed(x, y, run, count, i0, i1, shift, scale, bias)
             _store_fence()
+        else:
+            _map_runs(x, y, run, count, i0, i1, shift, scale, bias)
 
 
 @_kernel
@@ -634,9 +634,11 @@ def _planar_grad_map(dy, x, dx, mean, p, q, r, piece, stream):
     items, per_group, pieces = _map_items(outer * channels, inner, piece)
     for w in prange(items):
         run, count, i0, i1 = _map_item(w, outer * channels, inner, piece, per_group, pieces)
-        _grad_map_runs(dy, x, dx, run, count, i0, i1, mean, p, q, r, stream)
-        if stream:
+        if _LARGE_PATHS and stream:
+            _grad_map_runs_streamed(dy, x, dx, run, count, i0, i1, mean, p, q, r)
             _store_fence()
+        else:
+            _grad_map_runs(dy, x, dx, run, count, i0, i1, mean, p, q, r)
 
 
 # Planar training ops on tensors larger than the cache: one work item per channel reduces the
@@ -664,8 +666,12 @@ def _planar_fused_forward(x, y, gamma, beta, eps, rows, pieces, stream, moments)
                                                                      beta[c], delta, eps)
         moments[0, c] = shift[c] + delta
         moments[1, c] = m2 / count
+        one, zero = np.int64(1), np.int64(0)  # not literals, which would compile other builds
         for o in range(outer):
-            _map_runs(x, y, o * channels + c, 1, 0, inner, shift, scale, bias, stream)
+            if stream:
+                _map_runs_streamed(x, y, o * channels + c, one, zero, inner, shift, scale, bias)
+            else:
+                _map_runs(x, y, o * channels + c, one, zero, inner, shift, scale, bias)
         if stream:
             _store_fence()
 
@@ -689,8 +695,13 @@ def _planar_fused_backward(dy, x, dx, mean, invstd, gamma, rows, pieces, stream,
             sx += b
         sums[0, c], sums[1, c] = s, sx
         p[c], q[c], r[c] = _backward_coefficients_jit(s, sx, count, gamma[c], invstd[c])
+        one, zero = np.int64(1), np.int64(0)
         for o in range(outer):
-            _grad_map_runs(dy, x, dx, o * channels + c, 1, 0, inner, mean, p, q, r, stream)
+            if stream:
+                _grad_map_runs_streamed(dy, x, dx, o * channels + c, one, zero, inner, mean, p,
+                                        q, r)
+            else:
+                _grad_map_runs(dy, x, dx, o * channels + c, one, zero, inner, mean, p, q, r)
         if stream:
             _store_fence()
 
@@ -820,7 +831,7 @@ def _rows_affine(x, y, shift, scale, bias, piece, stream):
     for w in prange(items):
         first, count, c0, c1 = _map_item(w, rows, width, piece, per_group, pieces)
         s, a, b = shift[c0:c1], scale[c0:c1], bias[c0:c1]
-        if stream:  # whole rows (pieces start at multiples of CHUNK): 16-byte aligned
+        if _LARGE_PATHS and stream:  # whole rows (pieces start at multiples of CHUNK): aligned
             for r in range(first, first + count):
                 xr, yr = x[r, c0:c1], y[r, c0:c1]
                 for c in range(c1 - c0):
@@ -855,7 +866,7 @@ def _rows_grad_map(dy, x, dx, mean, p, q, r, piece, stream):
     for w in prange(items):
         first, count, c0, c1 = _map_item(w, rows, width, piece, per_group, pieces)
         m, pc, qc, rc = mean[c0:c1], p[c0:c1], q[c0:c1], r[c0:c1]
-        if stream:
+        if _LARGE_PATHS and stream:
             for o in range(first, first + count):
                 gr, xr, dxr = dy[o, c0:c1], x[o, c0:c1], dx[o, c0:c1]
                 for c in range(c1 - c0):
@@ -1125,7 +1136,7 @@ def _store_rows(into, first, second):
 @_step
 def _train_forward(x3, y3, gamma, beta, eps, running_mean, running_var, momentum, stats,
                    blocks):
-    if _fuses(x3, blocks):
+    if _LARGE_PATHS and _fuses(x3, blocks):
         moments = np.empty((3, x3.shape[1]))
         _planar_fused_forward(x3, y3, gamma, beta, eps,
                               *_planar_plan(x3.shape[0], x3.shape[2], blocks[0]),
@@ -1150,7 +1161,7 @@ def _eval_forward(x3, y3, gamma, beta, eps, running_mean, running_var, stats, bl
 
 @_step
 def _backward(dy3, x3, dx3, mean, invstd, gamma, training, grads, blocks):
-    if training and _fuses(x3, blocks):
+    if _LARGE_PATHS and training and _fuses(x3, blocks):
         sums = np.empty((2, x3.shape[1]))
         _planar_fused_backward(dy3, x3, dx3, mean, invstd, gamma,
                                *_planar_plan(x3.shape[0], x3.shape[2], blocks[0]),

@@ -98,6 +98,7 @@ def test_fused_planar_gives_the_unfused_bits(chunk, dtype, monkeypatch, rng):
     gamma, beta = make_affine(rng, channels)
     monkeypatch.setattr(fastbn.cpu, "CHUNK", chunk)
     monkeypatch.setattr(fastbn.cpu, "FUSE_MIN", 0)
+    monkeypatch.setattr(fastbn.cpu, "PARALLEL_MIN", 0)  # only the parallel builds fuse
     assert fastbn.cpu._fuses.py_func(x.reshape(5, channels, 54), fastbn.cpu._blocks())
     slab = x.nbytes // channels
     monkeypatch.setattr(fastbn.cpu, "FUSE_SLAB", slab - 1)  # channels too big to stay in cache
@@ -107,11 +108,17 @@ def test_fused_planar_gives_the_unfused_bits(chunk, dtype, monkeypatch, rng):
     check_forward(x, gamma, beta, axis=1, rng=rng)
     mean, invstd = reference_stats(rng, x, 1, True)
     check_backward(dy, x, mean, invstd, gamma, 1, True)
+    for kernel in (fastbn.cpu._planar_fused_forward, fastbn.cpu._planar_fused_backward):
+        assert kernel.parallel.signatures  # it ran
     monkeypatch.setattr(fastbn.cpu, "FUSE_MIN", 10**18)
     unfused = _all_outputs(x, dy, gamma, beta, 1)
-    for name, a, b in zip(("y", "mean", "invstd", "running_mean", "running_var", "dx", "dgamma",
-                           "dbeta"), fused, unfused):
-        assert a.tobytes() == b.tobytes(), name
+    # The serial builds (small tensors, and any tensor in a forked child) never fuse.
+    monkeypatch.setattr(fastbn.cpu, "FUSE_MIN", 0)
+    monkeypatch.setattr(fastbn.cpu, "PARALLEL_MIN", 10**12)
+    serial = _all_outputs(x, dy, gamma, beta, 1)
+    for name, a, b, c in zip(("y", "mean", "invstd", "running_mean", "running_var", "dx",
+                              "dgamma", "dbeta"), fused, unfused, serial):
+        assert a.tobytes() == b.tobytes() == c.tobytes(), name
 
 
 def _eval_and_aliased_outputs(x, dy, gamma, beta, axis):
