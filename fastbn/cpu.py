@@ -961,7 +961,8 @@ def _moments_about(x3, shift, blocks):
         return _planar_moments(x3, shift, *_planar_plan(outer, inner, blocks[0]))
     fold = _fold(x3, blocks)
     if fold == 1 and inner == 1:  # N×D, or channels-last with C ≥ FOLD_WIDTH
-        return _rows_moments(_rows_of(x3, 1, False), shift, *_rows_plan(outer, channels, blocks))
+        rows = x3.reshape(outer, channels)
+        return _rows_moments(rows, shift, *_rows_plan(outer, channels, blocks))
     # Each column of a part is one piece of its channel: merge the pieces in a fixed order.
     parts = _parts(x3, fold)
     pieces = (fold + parts - 1) * inner
