@@ -143,7 +143,7 @@ def test_constant_float64_point_one(channels_last, blocks):
 DEFAULT_CASES = [
     ("NCHW", (4, 3, 64, 64), 1),
     ("NHWC", (80, 32, 32, 4), -1),
-    ("NxD-wide", (300, 1100), 1),
+    ("NxD-wide", (600, 4200), 1),
     ("NCL-long", (2, 2, 70000), 1),
 ]
 
@@ -155,7 +155,7 @@ class TestDefaultBlockSizes:
     def test_defaults(self):
         import fastbn.cpu
         assert fastbn.cpu.CHUNK == 8192 and fastbn.cpu.TILE_ROWS == 32
-        assert fastbn.cpu.SEGMENT == 1 << 18 and fastbn.cpu.COLUMN_BLOCK == 512
+        assert fastbn.cpu.SEGMENT == 1 << 20 and fastbn.cpu.COLUMN_BLOCK == 4096
 
     @each_dtype
     @pytest.mark.parametrize("name,shape,axis", DEFAULT_CASES, ids=[c[0] for c in DEFAULT_CASES])
