@@ -366,8 +366,8 @@ def _sums_for_gradient(dy_run, x_run, mean):
 # line is evicted before anyone reads it. The stores are claimed 32-byte aligned, so that LLVM may
 # vectorize them (x86 takes non-temporal vectors of up to 32 bytes, aligned), and each run streams
 # whole lines from its first 64-byte boundary (``_streamed``). The values are those of plain
-# stores: the bits do not change. The float32 rows maps stream whole rows with 16-byte vectors
-# (``_streams_rows``); float64 rows do not (docs/design.md §4.1 says what was measured).
+# stores: the bits do not change. The rows maps stream whole rows with 16-byte vectors
+# (``_streams_rows``; docs/design.md §4.1 says what was measured).
 
 
 def _streaming_store(align):
@@ -394,7 +394,7 @@ def _streaming_store(align):
 
 
 _store_streaming = _streaming_store(32)  # from a 32-byte boundary (planar runs)
-_store_streaming16 = _streaming_store(16)  # from a 16-byte boundary (float32 rows)
+_store_streaming16 = _streaming_store(16)  # from a 16-byte boundary (rows)
 
 
 @intrinsic
@@ -419,10 +419,12 @@ def _streams(y3, blocks):
 @njit(**_helper)
 def _streams_rows(y, blocks):
     """Whether the rows maps write ``y`` (rows) with streaming stores: larger than the cache,
-    float32 rows of 64 values or more that all start on a 16-byte boundary. (A float32 map
-    stores 16-byte vectors: its float64 coefficients per column set the vector width.)"""
-    return (y.size * y.itemsize >= blocks[9] and y.itemsize == 4 and y.shape[1] >= 64
-            and y.shape[1] % 4 == 0 and y.ctypes.data % 16 == 0)
+    rows of 64 values or more that all start on a 16-byte boundary. The stores are claimed
+    16-byte aligned only: NumPy's large arrays start 16 bytes past a page (malloc's header), so
+    32-byte claims would leave most float64 rows unstreamed; a float32 map stores 16-byte vectors
+    anyway (its float64 coefficients per column set the vector width)."""
+    return (y.size * y.itemsize >= blocks[9] and y.shape[1] >= 64
+            and y.shape[1] * y.itemsize % 16 == 0 and y.ctypes.data % 16 == 0)
 
 
 @njit(**_helper)

@@ -40,7 +40,7 @@ print("threads", numba.get_num_threads())
 # "fused": planar training ops with FUSE_CHANNELS channels or more run fused (one work item per
 # channel), and give the same bits whatever the thread count.
 FUSED = dict(SMALL, FUSE_MIN=0)
-# "streamed": every map writes with streaming stores (float64 rows excepted: they never do).
+# "streamed": every map writes with streaming stores.
 STREAMED = dict(SMALL, STREAM_MIN=0, STREAM_RUN=0)
 CONFIGS = {"default": DEFAULTS, "small": SMALL, "fused": FUSED, "streamed": STREAMED}
 for blocks, sizes in CONFIGS.items():

@@ -141,7 +141,7 @@ def _eval_and_aliased_outputs(x, dy, gamma, beta, axis):
 STREAMED = {"pieces": ((4, 17, 9, 23), 1, {"CHUNK": 100}),  # runs cut in pieces
             "groups": ((6, 5, 2, 19), 1, {"CHUNK": 100}),  # several runs per work item
             "fused": ((5, 17, 6, 9), 1, {"FUSE_MIN": 0}),
-            "rows": ((9, 164), 1, {}),  # float32 rows only
+            "rows": ((9, 164), 1, {}),
             "rows in pieces": ((5, 300), 1, {"CHUNK": 128}),
             "channels-last rows": ((3, 4, 5, 68), -1, {}),
             "64-wide rows": ((2, 3, 7, 64), -1, {})}  # the narrowest that stream
@@ -152,7 +152,7 @@ STREAMED = {"pieces": ((4, 17, 9, 23), 1, {"CHUNK": 100}),  # runs cut in pieces
 def test_streaming_stores_give_the_plain_bits(path, dtype, monkeypatch, rng):
     """Maps whose output is larger than the cache write it with streaming stores (STREAM_MIN):
     planar runs (of STREAM_RUN bytes or more) from a 64-byte boundary, with plain stores before
-    and after it; float32 rows of 64 values or more whole, when they start 16-byte aligned. The
+    and after it; rows of 64 values or more whole, when they start 16-byte aligned. The
     values are those of the plain maps, bit for bit, aligned or not, into ``dy`` itself, in every
     map (train, eval, backward of both, the fused planar ops), and so the reference's values."""
     import fastbn.cpu
@@ -166,9 +166,9 @@ def test_streaming_stores_give_the_plain_bits(path, dtype, monkeypatch, rng):
     monkeypatch.setattr(fastbn.cpu, "STREAM_RUN", 0)
     x3 = np.empty(fastbn.cpu.view(x, axis % x.ndim).shape, dtype)
     blocks = fastbn.cpu._blocks()
-    if x3.shape[2] < fastbn.cpu.PLANAR_RUN:  # the rows kernels: float32 only
+    if x3.shape[2] < fastbn.cpu.PLANAR_RUN:  # the rows kernels
         rows = x3.reshape(x3.shape[0], -1)
-        assert fastbn.cpu._streams_rows.py_func(rows, blocks) == (dtype == np.float32)
+        assert fastbn.cpu._streams_rows.py_func(rows, blocks)
     else:
         assert fastbn.cpu._streams.py_func(x3, blocks)
     streamed = _all_outputs(x, dy, gamma, beta, axis) + _eval_and_aliased_outputs(
