@@ -64,7 +64,7 @@ def main(argv=None):
     print(f"fastbn {fastbn.__version__}: numpy {np.__version__}, numba {numba.__version__}, "
           f"Python {platform.python_version()}, {_machine(device)}")
     if device == "cpu":
-        print(f"Compiling the {dtype} kernels (the first run compiles them, about 20 s on 2 "
+        print(f"Compiling the {dtype} kernels (the first run compiles them, about 15 s on 2 "
               f"cores; later runs load them from Numba's cache in well under a second)...",
               end=" ", flush=True)
     else:
