@@ -156,25 +156,27 @@ class _Twin:
 
     def _build(self, serial, inline=False):
         """The serial or parallel build, as called from Python, or, for a step called from
-        another step, as inlined there."""
+        another step, as inlined there (made once each)."""
         key = serial, inline
         if key not in self._builds:
-            f = self._py_func
-            names = f.__globals__
-            twins = {name: names[name]._callee(serial)
-                     for name in f.__code__.co_names if isinstance(names.get(name), _Twin)}
-            if not (serial or twins or inline):
-                self._builds[key] = njit(parallel=self._kernel, **self._options)(f)
-                return self._builds[key]
-            # A copy under another name: Numba's disk cache is keyed by the function's name and
-            # signature, not by `parallel` or by the functions it calls.
-            copy = types.FunctionType(f.__code__, dict(names, _LARGE_PATHS=not serial, **twins),
-                                      f.__name__, f.__defaults__, f.__closure__)
-            copy.__qualname__ = (f.__qualname__ + ("_serial" if serial else "")
-                                 + ("_inline" if inline else ""))
-            options = dict(self._options, inline="always") if inline else self._options
-            self._builds[key] = njit(**options)(copy)
+            self._builds[key] = self._dispatcher(serial, inline)
         return self._builds[key]
+
+    def _dispatcher(self, serial, inline):
+        f = self._py_func
+        names = f.__globals__
+        twins = {name: names[name]._callee(serial)
+                 for name in f.__code__.co_names if isinstance(names.get(name), _Twin)}
+        if not (serial or twins or inline):
+            return njit(parallel=self._kernel, **self._options)(f)
+        # A copy under another name: Numba's disk cache is keyed by the function's name and
+        # signature, not by `parallel` or by the functions it calls.
+        copy = types.FunctionType(f.__code__, dict(names, _LARGE_PATHS=not serial, **twins),
+                                  f.__name__, f.__defaults__, f.__closure__)
+        copy.__qualname__ = (f.__qualname__ + ("_serial" if serial else "")
+                             + ("_inline" if inline else ""))
+        options = dict(self._options, inline="always") if inline else self._options
+        return njit(**options)(copy)
 
     def _callee(self, serial):
         """This function's build as another step's build calls it."""
