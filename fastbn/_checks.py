@@ -193,36 +193,67 @@ def gpu_contiguous(name, a):
                          f"the GPU; make a contiguous copy first")
 
 
-def check_out(out, like, **inputs):
+ACTIVATIONS = (None, "relu")
+
+
+def activation_value(activation):
+    """``activation`` checked: whether it is ReLU."""
+    if activation is not None and not isinstance(activation, str):
+        raise TypeError(f"activation must be None or 'relu', got {activation!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+    return activation == "relu"
+
+
+def like_x(name, a, x):
+    """An input read like x (residual, y): x's dtype, shape and device, C-contiguous on the GPU."""
+    if is_cuda_array(a) != is_cuda_array(x):
+        where = "a CUDA array" if is_cuda_array(x) else "a NumPy array"
+        raise TypeError(f"{name} must live where x does ({where}), got {type(a).__name__}")
+    arr = data(name, a)
+    if arr.dtype != x.dtype:
+        raise TypeError(f"{name} must have x's dtype {x.dtype}, got {arr.dtype} "
+                        f"(shape {arr.shape})")
+    if arr.shape != x.shape:
+        raise ValueError(f"{name} must have x's shape {x.shape}, got {arr.shape}")
+    if not isinstance(arr, np.ndarray):
+        gpu_contiguous(name, arr)
+    return arr
+
+
+def check_out(out, like, name="out", **inputs):
     """``out``: x's shape and dtype, writable, where x lives, and either one of ``inputs`` itself
     or apart from them."""
     if out is None:
         return
     if is_cuda_array(like):
         if not is_cuda_array(out):
-            raise TypeError(f"out must be a CUDA array like x, got {type(out).__name__}")
-        view = device_view(out, "out")
+            raise TypeError(f"{name} must be a CUDA array like x, got {type(out).__name__}")
+        view = device_view(out, name)
         if view.shape == like.shape and not view.is_c_contiguous():
-            raise ValueError(f"out (shape {view.shape}, strides {view.strides}) must be "
+            raise ValueError(f"{name} (shape {view.shape}, strides {view.strides}) must be "
                              f"C-contiguous on the GPU")
         if is_read_only(out):
-            raise ValueError(f"out is read-only (shape {view.shape})")
+            raise ValueError(f"{name} is read-only (shape {view.shape})")
         out = view
     elif not isinstance(out, np.ndarray):
-        raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
+        raise TypeError(f"{name} must be a NumPy array, got {type(out).__name__}")
     if out.dtype != like.dtype:
-        raise TypeError(f"out must have x's dtype {like.dtype}, got {out.dtype} "
-                        f"(shapes: out {out.shape}, x {like.shape})")
+        raise TypeError(f"{name} must have x's dtype {like.dtype}, got {out.dtype} "
+                        f"(shapes: {name} {out.shape}, x {like.shape})")
     if out.shape != like.shape:
-        raise ValueError(f"out must have x's shape {like.shape}, got {out.shape}")
+        raise ValueError(f"{name} must have x's shape {like.shape}, got {out.shape}")
     if isinstance(out, np.ndarray) and is_read_only(out):  # a CUDA out: checked above
-        raise ValueError(f"out is read-only (shape {out.shape})")
-    for name, a in inputs.items():
+        raise ValueError(f"{name} is read-only (shape {out.shape})")
+    for other, a in inputs.items():
+        if a is None:
+            continue
         same = lambda: byte_range(out) == byte_range(a) and out.strides == a.strides  # noqa: E731
         # (``out`` and the inputs here are NumPy arrays or Numba device views, with .strides)
         if overlaps(out, a) and not same():
-            raise ValueError(f"out (shape {out.shape}, strides {out.strides}) partly overlaps "
-                             f"{name} (strides {a.strides}); it may be {name} itself, or separate")
+            raise ValueError(f"{name} (shape {out.shape}, strides {out.strides}) partly "
+                             f"overlaps {other} (strides {a.strides}); it may be {other} "
+                             f"itself, or separate")
 
 
 # -- whole calls --------------------------------------------------------------------------------
@@ -243,17 +274,19 @@ class Forward(NamedTuple):
     momentum: float
     eps: float
     out: object
+    residual: object = None  # added to BN(x) before the activation
+    relu: bool = False
 
 
 def check_forward(x, gamma, beta, axis, training, running_mean, running_var, momentum, eps, out,
-                  device, own_statistics=True, stream=None):
+                  device, own_statistics=True, stream=None, residual=None, activation=None):
     """Every check of a forward call, before anything is computed or written.
 
     ``own_statistics=False``: the statistics come from a larger batch that x is part of
     (``normalize``, ``fastbn.distributed``), so x itself may hold fewer than two values per
     channel; the caller checks the batch's count. ``stream``: the GPU stream to run on.
     """
-    device = choose_device(device, x, out)
+    device = choose_device(device, x, out, residual)
     on_gpu = device.NAME == "cuda"
     x = data("x", x)
     axis = channel_axis(axis, x)
@@ -282,7 +315,10 @@ def check_forward(x, gamma, beta, axis, training, running_mean, running_var, mom
             raise TypeError("running_mean and running_var must live in the same place: both "
                             "CUDA arrays or both NumPy arrays")
         running_device = where_lives(running_mean)
-    check_out(out, x, x=x)
+    relu = activation_value(activation)
+    if residual is not None:
+        residual = like_x("residual", residual, x)
+    check_out(out, x, x=x, residual=residual)
     if on_gpu:
         gpu_contiguous("x", x)
     if training and running_mean is not None:
@@ -294,12 +330,15 @@ def check_forward(x, gamma, beta, axis, training, running_mean, running_var, mom
         for name, stat, other, a in pairs:
             if overlaps(stat, a):
                 raise ValueError(f"{name} shares memory with {other}")
-    device = call_steps(device, stream, x=x, gamma=gamma, beta=beta, running_mean=running_mean,
-                        running_var=running_var, out=out)
+    arrays = dict(x=x, gamma=gamma, beta=beta, running_mean=running_mean,
+                  running_var=running_var, out=out)
+    if residual is not None:
+        arrays["residual"] = residual
+    device = call_steps(device, stream, **arrays)
     if running_device is not None and on_gpu:
         running_device = device.running_steps(running_mean)
     return Forward(device, x, axis, training, gamma, beta, running_mean, running_var,
-                   running_device, momentum, eps, out)
+                   running_device, momentum, eps, out, residual, relu)
 
 
 def check_moments(x, axis, device, stream=None):
@@ -325,12 +364,15 @@ class Backward(NamedTuple):
     gamma: object
     grad_dtype: np.dtype
     out: object
+    y: object = None  # the ReLU's output, whose mask y > 0 gates dy
+    dresidual: object = None  # receives the gated dy
 
 
-def check_backward(dy, x, stats, gamma, axis, training, out, device, stream=None):
+def check_backward(dy, x, stats, gamma, axis, training, out, device, stream=None,
+                   activation=None, y=None, dresidual=None):
     """Every check of a backward call, before anything is computed or written (``stream``: the
     GPU stream to run on)."""
-    device = choose_device(device, dy, x, out)
+    device = choose_device(device, dy, x, out, y, dresidual)
     on_gpu = device.NAME == "cuda"
     x = data("x", x)
     dy = data("dy", dy)
@@ -353,16 +395,35 @@ def check_backward(dy, x, stats, gamma, axis, training, out, device, stream=None
         gamma_dtype = device_view(gamma).dtype if is_cuda_array(gamma) else np.asarray(gamma).dtype
         grad_dtype = gamma_dtype if gamma_dtype.kind == "f" else x.dtype
     gamma = per_channel("gamma", gamma, channels, where, on_gpu)
-    check_out(out, x, x=x, dy=dy)
+    if activation_value(activation):
+        if y is None:
+            raise ValueError("activation='relu' needs y, the forward's output (its mask y > 0 "
+                             "gates dy)")
+        y = like_x("y", y, x)
+    elif y is not None:
+        raise ValueError("y is the forward's output for activation='relu'; without an "
+                         "activation backward does not use it")
+    check_out(out, x, x=x, dy=dy, y=y)
+    if dresidual is not None:
+        check_out(dresidual, x, "dresidual", dy=dy)
+        for name, a in (("x", x), ("y", y), ("out", out)):
+            if a is not None and overlaps(dresidual, a):
+                raise ValueError(f"dresidual shares memory with {name}; it may be dy itself, "
+                                 f"or separate from x, y and out")
+        if is_cuda_array(dresidual):
+            dresidual = device_view(dresidual, "dresidual")
     if on_gpu:
         gpu_contiguous("x", x)
         gpu_contiguous("dy", dy)
         if grad_dtype not in DATA_DTYPES:
             raise TypeError(f"on the GPU, gamma must be float32 or float64 (dgamma and dbeta take "
                             f"its dtype), got {grad_dtype}")
-    device = call_steps(device, stream, dy=dy, x=x, out=out, gamma=gamma,
-                        **{"stats.mean": mean, "stats.invstd": invstd})
-    return Backward(device, dy, x, axis, training, mean, invstd, gamma, grad_dtype, out)
+    arrays = {"dy": dy, "x": x, "out": out, "gamma": gamma, "stats.mean": mean,
+              "stats.invstd": invstd}
+    arrays.update((name, a) for name, a in (("y", y), ("dresidual", dresidual)) if a is not None)
+    device = call_steps(device, stream, **arrays)
+    return Backward(device, dy, x, axis, training, mean, invstd, gamma, grad_dtype, out, y,
+                    dresidual)
 
 
 # -- the common call, recognized in a handful of operations (docs/design.md §4.3) --------------
@@ -418,19 +479,33 @@ def _lean_out(out, x, x3):
     return out, out.reshape(x3.shape)
 
 
-def lean_forward(x, gamma, beta, axis, training, running_mean, running_var, momentum, eps, out,
-                 device):
-    """The common forward call: ``(x3, y, y3)`` to run with ``cpu.batch_norm``, or None.
+def _lean_like(a, x):
+    """Whether ``a`` is a C-contiguous NumPy array of x's shape and dtype."""
+    return (type(a) is np.ndarray and a.dtype == x.dtype and a.shape == x.shape
+            and a.flags.c_contiguous)
 
-    Common: C-contiguous float32/float64 NumPy x and out on the CPU, float32/float64 (C,)
-    parameters and running statistics, Python floats, an int axis, no array sharing memory with
-    another that the call writes.
+
+def lean_forward(x, gamma, beta, axis, training, running_mean, running_var, momentum, eps, out,
+                 device, residual=None, activation=None):
+    """The common forward call: ``(x3, y, y3, residual3)`` to run with ``cpu.batch_norm``, or
+    None.
+
+    Common: C-contiguous float32/float64 NumPy x, out and residual on the CPU, float32/float64
+    (C,) parameters and running statistics, Python floats, an int axis, no array sharing memory
+    with another that the call writes.
     """
     x3 = _lean_view(x, axis, device)
     if x3 is None or not ((training is True or training is False)
                           and type(eps) is float and 0.0 < eps < math.inf
-                          and type(momentum) is float and 0.0 <= momentum <= 1.0):
+                          and type(momentum) is float and 0.0 <= momentum <= 1.0
+                          and (activation is None or activation == "relu")):
         return None
+    residual3 = None
+    if residual is not None:
+        if not (_lean_like(residual, x) and (out is None or out is residual
+                                             or _apart(out, residual))):
+            return None
+        residual3 = residual.reshape(x3.shape)
     channels = x3.shape[1]
     written = _lean_out(out, x, x3)
     if written is None or not (_plain(gamma, channels) and _plain(beta, channels)):
@@ -449,13 +524,14 @@ def lean_forward(x, gamma, beta, axis, training, running_mean, running_var, mome
     if training and x3.shape[0] * x3.shape[2] < 2 \
             or out is not None and out is not x and not _apart(x, out):
         return None
-    return (x3, *written)
+    return (x3, *written, residual3)
 
 
-def lean_backward(dy, x, stats, gamma, axis, training, out, device):
-    """The common backward call: ``(dy3, x3, dx, dx3, mean, invstd)`` to run with
-    ``cpu.batch_norm_backward``, or None. Common: as for ``lean_forward``, with dy like x and
-    the float64 stats that forward returned."""
+def lean_backward(dy, x, stats, gamma, axis, training, out, device, activation=None, y=None,
+                  dresidual=None):
+    """The common backward call: ``(dy3, x3, dx, dx3, mean, invstd, y3, dresidual3)`` to run
+    with ``cpu.batch_norm_backward``, or None. Common: as for ``lean_forward``, with dy, y and
+    dresidual like x and the float64 stats that forward returned."""
     x3 = _lean_view(x, axis, device)
     if x3 is None or not (training is True or training is False) \
             or type(dy) is not np.ndarray or dy.dtype != x.dtype or dy.shape != x.shape \
@@ -471,4 +547,17 @@ def lean_backward(dy, x, stats, gamma, axis, training, out, device):
     if written is None or out is not None and out is not x and out is not dy \
             and not (_apart(out, x) and (dy is x or _apart(out, dy))):
         return None
-    return (dy.reshape(x3.shape), x3, *written, mean, invstd)
+    y3 = dresidual3 = None
+    if activation is not None or y is not None:
+        if not (activation == "relu" and _lean_like(y, x)
+                and (out is None or out is y or _apart(out, y))):
+            return None
+        y3 = y.reshape(x3.shape)
+    if dresidual is not None:
+        if not (_lean_like(dresidual, x) and dresidual.flags.writeable
+                and (dresidual is dy or _apart(dresidual, dy))
+                and _apart(dresidual, x) and (y is None or _apart(dresidual, y))
+                and (out is None or _apart(dresidual, out))):
+            return None
+        dresidual3 = dresidual.reshape(x3.shape)
+    return (dy.reshape(x3.shape), x3, *written, mean, invstd, y3, dresidual3)

@@ -56,7 +56,7 @@ import numpy as np
 from numba import njit, prange
 from numba import types as nb_types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from ._layout import ChannelView
 
@@ -351,11 +351,11 @@ def _sums_of_deviations(run, centre):
 
 
 @njit(fastmath=_SUM_MATH, **_helper)
-def _sums_for_gradient(dy_run, x_run, mean):
+def _sums_for_gradient(dy_run, x_run, mean, mask_run):
     s = 0.0
     sx = 0.0
     for i in range(dy_run.size):
-        g = np.float64(dy_run[i])
+        g = _gated(dy_run[i], mask_run, i)
         s += g
         sx += g * (x_run[i] - mean)
     return s, sx
@@ -442,46 +442,139 @@ def _streamed(y_run):
     return head, head + (size - head) // lane * lane
 
 
+# -- the fused epilogues (docs/design.md §1): a residual added after the forward map and a ReLU,
+# and the ReLU's mask on dy before the backward's sums and map (dresidual written in its pass).
+#
+# An absent array or activation is None, and Numba compiles each combination of None and array
+# apart, pruning the branches that test an argument of type None: the plain maps compile as
+# before, to the same bits, and the fused ones read the residual or the mask in the pass that
+# reads x anyway. The pieces of an array that may be absent are taken by overloads chosen by its
+# type (``_absent_or``): a helper that tested ``a is None`` itself would return an Optional
+# array, which Numba then tests at run time, element by element.
+
+
+def _absent_or(take):
+    """A function for compiled code: ``take(a, *args)``, or None when ``a`` is None (by type)."""
+    def function(a, *args):
+        raise NotImplementedError("compiled code only")
+
+    @overload(function, jit_options=dict(_helper))
+    def typed(a, *args):
+        if isinstance(a, nb_types.NoneType):
+            return lambda a, *args: None
+        return lambda a, *args: take(a, *args)
+
+    function.__doc__ = take.__doc__
+    return function
+
+
+@njit(**_helper)
+def _take_run(a, o, c, i0, i1):
+    return a[o, c, i0:i1]
+
+
+@njit(**_helper)
+def _take_row(a, r, c0, c1):
+    return a[r, c0:c1]
+
+
+@njit(**_helper)
+def _take_span(a, lo, hi):
+    return a[lo:hi]
+
+
+_run = _absent_or(_take_run)  # a[o, c, i0:i1]
+_row = _absent_or(_take_row)  # a[r, c0:c1] of rows
+_span = _absent_or(_take_span)  # a[lo:hi]
+
+
+@njit(fastmath=_MAP_MATH, **_helper)
+def _activated(v, residual, i, floor):
+    """The forward map's float64 value ``v``, plus ``residual[i]``, then ReLU'd (``floor`` 0.0):
+    ``floor`` where ``v < floor``, so that NaN passes, as in PyTorch. One rounding follows, in
+    the store."""
+    if residual is not None:
+        v = v + residual[i]
+    if floor is not None:
+        v = floor if v < floor else v
+    return v
+
+
+@njit(**_helper)
+def _gated(g, mask, i):
+    """``dy[i]`` (``g``) in float64, or 0.0 where the ReLU's output ``mask[i]`` is not > 0 (also
+    where dy is NaN there, as PyTorch's threshold_backward)."""
+    if mask is None:
+        return np.float64(g)
+    return np.float64(g) if mask[i] > 0 else 0.0
+
+
+@njit(fastmath=_MAP_MATH, **_helper)
+def _gradient(pc, g, qc, x, i, m, rc):
+    """Backward's map at ``i``: ``p·g + q·(x − μ) + r``; without x (eval), ``p·g + r``."""
+    if x is None:
+        return pc * g + rc
+    return pc * g + qc * (x[i] - m) + rc
+
+
+@njit(**_helper)
+def _put(a, i, value):
+    """``a[i] = value``, unless ``a`` is None (dresidual not asked for)."""
+    if a is not None:
+        a[i] = value
+
+
 # The streaming maps walk their runs themselves, so that the plain ones keep a loop with no
 # branch in it (the branch cost 10% on 8×8 planes). Each span is sliced so that its loop counts
 # from 0: Numba then drops the negative-index test that would keep LLVM from vectorizing.
 
 
 @njit(fastmath=_MAP_MATH, **_helper)
-def _map_runs_streamed(x, y, run, count, i0, i1, shift, scale, bias):
+def _map_runs_streamed(x, y, run, count, i0, i1, shift, scale, bias, residual, floor):
     """``_map_runs`` with streaming stores (runs of STREAM_RUN bytes or more: a division per
     run costs nothing)."""
     for k in range(run, run + count):
         o, c = divmod(k, x.shape[1])
         s, a, b = shift[c], scale[c], bias[c]
-        x_run, y_run = x[o, c, i0:i1], y[o, c, i0:i1]
+        x_run, y_run, r_run = x[o, c, i0:i1], y[o, c, i0:i1], _run(residual, o, c, i0, i1)
         head, body = _streamed(y_run)
         for i in range(head):
-            y_run[i] = a * (x_run[i] - s) + b
-        xs, ys = x_run[head:body], y_run[head:body]
+            y_run[i] = _activated(a * (x_run[i] - s) + b, r_run, i, floor)
+        xs, ys, rs = x_run[head:body], y_run[head:body], _span(r_run, head, body)
         for i in range(ys.size):
-            _store_streaming(ys, i, a * (xs[i] - s) + b)
-        xs, ys = x_run[body:], y_run[body:]
+            _store_streaming(ys, i, _activated(a * (xs[i] - s) + b, rs, i, floor))
+        xs, ys, rs = x_run[body:], y_run[body:], _span(r_run, body, y_run.size)
         for i in range(ys.size):
-            ys[i] = a * (xs[i] - s) + b
+            ys[i] = _activated(a * (xs[i] - s) + b, rs, i, floor)
 
 
 @njit(fastmath=_MAP_MATH, **_helper)
-def _grad_map_runs_streamed(dy, x, dx, run, count, i0, i1, mean, p, q, r):
-    """``_grad_map_runs`` with streaming stores."""
+def _grad_map_runs_streamed(dy, x, dx, run, count, i0, i1, mean, p, q, r, mask, dresidual):
+    """``_grad_map_runs`` with streaming stores (of dx; dresidual's are plain)."""
     for k in range(run, run + count):
-        o, c = divmod(k, x.shape[1])
+        o, c = divmod(k, dx.shape[1])
         m, pc, qc, rc = mean[c], p[c], q[c], r[c]
-        dy_run, x_run, dx_run = dy[o, c, i0:i1], x[o, c, i0:i1], dx[o, c, i0:i1]
+        dy_run, dx_run = dy[o, c, i0:i1], dx[o, c, i0:i1]
+        x_run, y_run = _run(x, o, c, i0, i1), _run(mask, o, c, i0, i1)
+        dr_run = _run(dresidual, o, c, i0, i1)
         head, body = _streamed(dx_run)
         for i in range(head):
-            dx_run[i] = pc * dy_run[i] + qc * (x_run[i] - m) + rc
-        dys, xs, dxs = dy_run[head:body], x_run[head:body], dx_run[head:body]
+            g = _gated(dy_run[i], y_run, i)
+            dx_run[i] = _gradient(pc, g, qc, x_run, i, m, rc)
+            _put(dr_run, i, g)
+        dys, dxs = dy_run[head:body], dx_run[head:body]
+        xs, ys, drs = _span(x_run, head, body), _span(y_run, head, body), _span(dr_run, head, body)
         for i in range(dxs.size):
-            _store_streaming(dxs, i, pc * dys[i] + qc * (xs[i] - m) + rc)
-        dys, xs, dxs = dy_run[body:], x_run[body:], dx_run[body:]
+            g = _gated(dys[i], ys, i)
+            _store_streaming(dxs, i, _gradient(pc, g, qc, xs, i, m, rc))
+            _put(drs, i, g)
+        end = dx_run.size
+        dys, dxs = dy_run[body:], dx_run[body:]
+        xs, ys, drs = _span(x_run, body, end), _span(y_run, body, end), _span(dr_run, body, end)
         for i in range(dxs.size):
-            dxs[i] = pc * dys[i] + qc * (xs[i] - m) + rc
+            g = _gated(dys[i], ys, i)
+            dxs[i] = _gradient(pc, g, qc, xs, i, m, rc)
+            _put(drs, i, g)
 
 
 # The maps loop over a group of runs in one call: a call per short run (7×7 planes) costs more
@@ -489,16 +582,16 @@ def _grad_map_runs_streamed(dy, x, dx, run, count, i0, i1, mean, p, q, r):
 
 
 @njit(fastmath=_MAP_MATH, **_helper)
-def _map_runs(x, y, run, count, i0, i1, shift, scale, bias):
+def _map_runs(x, y, run, count, i0, i1, shift, scale, bias, residual, floor):
     """``count`` runs from run ``run`` (in memory order, ``(o, c)`` then ``(o, c + 1)``)."""
     channels = x.shape[1]
     o = run // channels
     c = run - o * channels
     for _ in range(count):
         s, a, b = shift[c], scale[c], bias[c]
-        x_run, y_run = x[o, c, i0:i1], y[o, c, i0:i1]
+        x_run, y_run, r_run = x[o, c, i0:i1], y[o, c, i0:i1], _run(residual, o, c, i0, i1)
         for i in range(x_run.size):
-            y_run[i] = a * (x_run[i] - s) + b
+            y_run[i] = _activated(a * (x_run[i] - s) + b, r_run, i, floor)
         c += 1
         if c == channels:
             c = 0
@@ -506,16 +599,20 @@ def _map_runs(x, y, run, count, i0, i1, shift, scale, bias):
 
 
 @njit(fastmath=_MAP_MATH, **_helper)
-def _grad_map_runs(dy, x, dx, run, count, i0, i1, mean, p, q, r):
-    """``_map_runs`` of backward's map."""
-    channels = x.shape[1]
+def _grad_map_runs(dy, x, dx, run, count, i0, i1, mean, p, q, r, mask, dresidual):
+    """``_map_runs`` of backward's map (x None: the eval map)."""
+    channels = dx.shape[1]
     o = run // channels
     c = run - o * channels
     for _ in range(count):
         m, pc, qc, rc = mean[c], p[c], q[c], r[c]
-        dy_run, x_run, dx_run = dy[o, c, i0:i1], x[o, c, i0:i1], dx[o, c, i0:i1]
-        for i in range(x_run.size):
-            dx_run[i] = pc * dy_run[i] + qc * (x_run[i] - m) + rc
+        dy_run, dx_run = dy[o, c, i0:i1], dx[o, c, i0:i1]
+        x_run, y_run = _run(x, o, c, i0, i1), _run(mask, o, c, i0, i1)
+        dr_run = _run(dresidual, o, c, i0, i1)
+        for i in range(dx_run.size):
+            g = _gated(dy_run[i], y_run, i)
+            dx_run[i] = _gradient(pc, g, qc, x_run, i, m, rc)
+            _put(dr_run, i, g)
         c += 1
         if c == channels:
             c = 0
@@ -579,25 +676,25 @@ def _planar_moments(x, shift, rows, pieces):
 
 
 @njit(**_helper)
-def _chunk_grad_sums(dy, x, c, mean, r0, r1, i0, i1):
+def _chunk_grad_sums(dy, x, mask, c, mean, r0, r1, i0, i1):
     s = 0.0
     sx = 0.0
     for r in range(r0, r1):
-        a, b = _sums_for_gradient(dy[r, c, i0:i1], x[r, c, i0:i1], mean)
+        a, b = _sums_for_gradient(dy[r, c, i0:i1], x[r, c, i0:i1], mean, _run(mask, r, c, i0, i1))
         s += a
         sx += b
     return s, sx
 
 
 @_kernel
-def _planar_grad_sums(dy, x, mean, rows, pieces):
+def _planar_grad_sums(dy, x, mean, rows, pieces, mask):
     outer, channels, inner = x.shape
     chunks = (outer + rows - 1) // rows * pieces
     sums = np.empty((2, chunks, channels))
     for w in prange(channels * chunks):
         c, j = _planar_item(w, channels, pieces)
         sums[0, j, c], sums[1, j, c] = _chunk_grad_sums(
-            dy, x, c, mean[c], *_planar_chunk(j, outer, inner, rows, pieces))
+            dy, x, mask, c, mean[c], *_planar_chunk(j, outer, inner, rows, pieces))
     return _add_partials(sums)
 
 
@@ -622,29 +719,30 @@ def _map_item(w, rows, length, piece, per_group, pieces):
 
 
 @_kernel
-def _planar_affine(x, y, shift, scale, bias, piece, stream):
+def _planar_affine(x, y, shift, scale, bias, piece, stream, residual, floor):
     outer, channels, inner = x.shape
     items, per_group, pieces = _map_items(outer * channels, inner, piece)
     for w in prange(items):
         run, count, i0, i1 = _map_item(w, outer * channels, inner, piece, per_group, pieces)
         if _LARGE_PATHS and stream:
-            _map_runs_streamed(x, y, run, count, i0, i1, shift, scale, bias)
+            _map_runs_streamed(x, y, run, count, i0, i1, shift, scale, bias, residual, floor)
             _store_fence()
         else:
-            _map_runs(x, y, run, count, i0, i1, shift, scale, bias)
+            _map_runs(x, y, run, count, i0, i1, shift, scale, bias, residual, floor)
 
 
 @_kernel
-def _planar_grad_map(dy, x, dx, mean, p, q, r, piece, stream):
-    outer, channels, inner = x.shape
+def _planar_grad_map(dy, x, dx, mean, p, q, r, piece, stream, mask, dresidual):
+    outer, channels, inner = dx.shape
     items, per_group, pieces = _map_items(outer * channels, inner, piece)
     for w in prange(items):
         run, count, i0, i1 = _map_item(w, outer * channels, inner, piece, per_group, pieces)
         if _LARGE_PATHS and stream:
-            _grad_map_runs_streamed(dy, x, dx, run, count, i0, i1, mean, p, q, r)
+            _grad_map_runs_streamed(dy, x, dx, run, count, i0, i1, mean, p, q, r, mask,
+                                    dresidual)
             _store_fence()
         else:
-            _grad_map_runs(dy, x, dx, run, count, i0, i1, mean, p, q, r)
+            _grad_map_runs(dy, x, dx, run, count, i0, i1, mean, p, q, r, mask, dresidual)
 
 
 # Planar training ops on tensors larger than the cache: one work item per channel reduces the
@@ -653,7 +751,8 @@ def _planar_grad_map(dy, x, dx, mean, p, q, r, piece, stream):
 
 
 @_kernel
-def _planar_fused_forward(x, y, gamma, beta, eps, rows, pieces, stream, moments):
+def _planar_fused_forward(x, y, gamma, beta, eps, rows, pieces, stream, moments, residual,
+                          floor):
     """Training forward of each channel in one work item; ``moments`` (3, C) receives the
     channel's mean, biased variance and invstd."""
     outer, channels, inner = x.shape
@@ -675,15 +774,18 @@ def _planar_fused_forward(x, y, gamma, beta, eps, rows, pieces, stream, moments)
         one, zero = np.int64(1), np.int64(0)  # not literals, which would compile other builds
         for o in range(outer):
             if stream:
-                _map_runs_streamed(x, y, o * channels + c, one, zero, inner, shift, scale, bias)
+                _map_runs_streamed(x, y, o * channels + c, one, zero, inner, shift, scale, bias,
+                                   residual, floor)
             else:
-                _map_runs(x, y, o * channels + c, one, zero, inner, shift, scale, bias)
+                _map_runs(x, y, o * channels + c, one, zero, inner, shift, scale, bias, residual,
+                          floor)
         if stream:
             _store_fence()
 
 
 @_kernel
-def _planar_fused_backward(dy, x, dx, mean, invstd, gamma, rows, pieces, stream, sums):
+def _planar_fused_backward(dy, x, dx, mean, invstd, gamma, rows, pieces, stream, sums, mask,
+                           dresidual):
     """Training backward of each channel in one work item; ``sums`` (2, C) receives Σdy and
     Σdy·(x − μ)."""
     outer, channels, inner = x.shape
@@ -695,8 +797,8 @@ def _planar_fused_backward(dy, x, dx, mean, invstd, gamma, rows, pieces, stream,
     for c in prange(channels):
         s, sx = 0.0, 0.0
         for j in range(chunks):  # added in chunk order, as _add_partials adds them
-            a, b = _chunk_grad_sums(dy, x, c, mean[c], *_planar_chunk(j, outer, inner, rows,
-                                                                      pieces))
+            a, b = _chunk_grad_sums(dy, x, mask, c, mean[c],
+                                    *_planar_chunk(j, outer, inner, rows, pieces))
             s += a
             sx += b
         sums[0, c], sums[1, c] = s, sx
@@ -705,9 +807,10 @@ def _planar_fused_backward(dy, x, dx, mean, invstd, gamma, rows, pieces, stream,
         for o in range(outer):
             if stream:
                 _grad_map_runs_streamed(dy, x, dx, o * channels + c, one, zero, inner, mean, p,
-                                        q, r)
+                                        q, r, mask, dresidual)
             else:
-                _grad_map_runs(dy, x, dx, o * channels + c, one, zero, inner, mean, p, q, r)
+                _grad_map_runs(dy, x, dx, o * channels + c, one, zero, inner, mean, p, q, r, mask,
+                               dresidual)
         if stream:
             _store_fence()
 
@@ -793,7 +896,7 @@ def _rows_moments(x, shift, segment_rows, tile_rows, column_block):
 
 
 @_kernel
-def _rows_grad_sums(dy, x, mean, segment_rows, column_block):
+def _rows_grad_sums(dy, x, mean, segment_rows, column_block, mask):
     rows, channels = x.shape
     segments = (rows + segment_rows - 1) // segment_rows
     blocks = (channels + column_block - 1) // column_block
@@ -812,10 +915,12 @@ def _rows_grad_sums(dy, x, mean, segment_rows, column_block):
         while r0 + 4 <= r1:  # four rows per sweep, each column's rows added in order
             g0, g1, g2, g3 = dy[r0, c0:c1], dy[r0 + 1, c0:c1], dy[r0 + 2, c0:c1], dy[r0 + 3, c0:c1]
             x0, x1, x2, x3 = x[r0, c0:c1], x[r0 + 1, c0:c1], x[r0 + 2, c0:c1], x[r0 + 3, c0:c1]
+            y0, y1 = _row(mask, r0, c0, c1), _row(mask, r0 + 1, c0, c1)
+            y2, y3 = _row(mask, r0 + 2, c0, c1), _row(mask, r0 + 3, c0, c1)
             for k in range(c1 - c0):
                 mk = m[k]
-                v0, v1 = np.float64(g0[k]), np.float64(g1[k])
-                v2, v3 = np.float64(g2[k]), np.float64(g3[k])
+                v0, v1 = _gated(g0[k], y0, k), _gated(g1[k], y1, k)
+                v2, v3 = _gated(g2[k], y2, k), _gated(g3[k], y3, k)
                 s[k] = (((s[k] + v0) + v1) + v2) + v3
                 sx[k] = (((sx[k] + v0 * (x0[k] - mk)) + v1 * (x1[k] - mk)) + v2 * (x2[k] - mk)
                          + v3 * (x3[k] - mk))
@@ -823,15 +928,16 @@ def _rows_grad_sums(dy, x, mean, segment_rows, column_block):
         for r in range(r0, r1):
             gr = dy[r, c0:c1]
             xr = x[r, c0:c1]
+            yr = _row(mask, r, c0, c1)
             for k in range(c1 - c0):
-                v = np.float64(gr[k])
+                v = _gated(gr[k], yr, k)
                 s[k] += v
                 sx[k] += v * (xr[k] - m[k])
     return _add_partials(sums)
 
 
 @_kernel(fastmath=_MAP_MATH)
-def _rows_affine(x, y, shift, scale, bias, piece, stream):
+def _rows_affine(x, y, shift, scale, bias, piece, stream, residual, floor):
     rows, width = x.shape
     items, per_group, pieces = _map_items(rows, width, piece)
     for w in prange(items):
@@ -839,9 +945,10 @@ def _rows_affine(x, y, shift, scale, bias, piece, stream):
         s, a, b = shift[c0:c1], scale[c0:c1], bias[c0:c1]
         if _LARGE_PATHS and stream:  # whole rows (pieces start at multiples of CHUNK): aligned
             for r in range(first, first + count):
-                xr, yr = x[r, c0:c1], y[r, c0:c1]
+                xr, yr, rr = x[r, c0:c1], y[r, c0:c1], _row(residual, r, c0, c1)
                 for c in range(c1 - c0):
-                    _store_streaming16(yr, c, a[c] * (xr[c] - s[c]) + b[c])
+                    _store_streaming16(yr, c, _activated(a[c] * (xr[c] - s[c]) + b[c], rr, c,
+                                                         floor))
             _store_fence()
             continue
         swept = first
@@ -852,37 +959,43 @@ def _rows_affine(x, y, shift, scale, bias, piece, stream):
                 r = swept
                 x0, x1, x2, x3 = x[r, c0:c1], x[r + 1, c0:c1], x[r + 2, c0:c1], x[r + 3, c0:c1]
                 y0, y1, y2, y3 = y[r, c0:c1], y[r + 1, c0:c1], y[r + 2, c0:c1], y[r + 3, c0:c1]
+                e0, e1 = _row(residual, r, c0, c1), _row(residual, r + 1, c0, c1)
+                e2, e3 = _row(residual, r + 2, c0, c1), _row(residual, r + 3, c0, c1)
                 for c in range(c1 - c0):
                     sc, ac, bc = s[c], a[c], b[c]
-                    y0[c] = ac * (x0[c] - sc) + bc
-                    y1[c] = ac * (x1[c] - sc) + bc
-                    y2[c] = ac * (x2[c] - sc) + bc
-                    y3[c] = ac * (x3[c] - sc) + bc
+                    y0[c] = _activated(ac * (x0[c] - sc) + bc, e0, c, floor)
+                    y1[c] = _activated(ac * (x1[c] - sc) + bc, e1, c, floor)
+                    y2[c] = _activated(ac * (x2[c] - sc) + bc, e2, c, floor)
+                    y3[c] = _activated(ac * (x3[c] - sc) + bc, e3, c, floor)
                 swept += 4
         for r in range(swept, first + count):
-            xr, yr = x[r, c0:c1], y[r, c0:c1]
+            xr, yr, rr = x[r, c0:c1], y[r, c0:c1], _row(residual, r, c0, c1)
             for c in range(c1 - c0):
-                yr[c] = a[c] * (xr[c] - s[c]) + b[c]
+                yr[c] = _activated(a[c] * (xr[c] - s[c]) + b[c], rr, c, floor)
 
 
 @_kernel(fastmath=_MAP_MATH)
-def _rows_grad_map(dy, x, dx, mean, p, q, r, piece, stream):
-    rows, width = x.shape
+def _rows_grad_map(dy, x, dx, mean, p, q, r, piece, stream, mask, dresidual):
+    rows, width = dx.shape
     items, per_group, pieces = _map_items(rows, width, piece)
     for w in prange(items):
         first, count, c0, c1 = _map_item(w, rows, width, piece, per_group, pieces)
         m, pc, qc, rc = mean[c0:c1], p[c0:c1], q[c0:c1], r[c0:c1]
-        if _LARGE_PATHS and stream:
-            for o in range(first, first + count):
-                gr, xr, dxr = dy[o, c0:c1], x[o, c0:c1], dx[o, c0:c1]
-                for c in range(c1 - c0):
-                    _store_streaming16(dxr, c, pc[c] * gr[c] + qc[c] * (xr[c] - m[c]) + rc[c])
-            _store_fence()
-            continue
         for o in range(first, first + count):
-            gr, xr, dxr = dy[o, c0:c1], x[o, c0:c1], dx[o, c0:c1]
-            for c in range(c1 - c0):
-                dxr[c] = pc[c] * gr[c] + qc[c] * (xr[c] - m[c]) + rc[c]
+            gr, dxr, xr = dy[o, c0:c1], dx[o, c0:c1], _row(x, o, c0, c1)
+            yr, drr = _row(mask, o, c0, c1), _row(dresidual, o, c0, c1)
+            if _LARGE_PATHS and stream:
+                for c in range(c1 - c0):
+                    g = _gated(gr[c], yr, c)
+                    _store_streaming16(dxr, c, _gradient(pc[c], g, qc[c], xr, c, m[c], rc[c]))
+                    _put(drr, c, g)
+            else:
+                for c in range(c1 - c0):
+                    g = _gated(gr[c], yr, c)
+                    dxr[c] = _gradient(pc[c], g, qc[c], xr, c, m[c], rc[c])
+                    _put(drr, c, g)
+        if _LARGE_PATHS and stream:
+            _store_fence()
 
 
 # -- cutting the view into work -----------------------------------------------------------------
@@ -935,6 +1048,9 @@ def _rows_of(a3, fold, leftover):
     if leftover:
         return flat[whole * width:].reshape(outer - whole, width)
     return flat[:whole * width].reshape(whole // fold, fold * width)
+
+
+_rows_or_none = _absent_or(_rows_of)  # _rows_of of an array that may be absent
 
 
 @njit(**_helper)
@@ -1006,25 +1122,29 @@ def _moments(x3, blocks):
 
 
 @_step
-def _affine(x3, y3, shift, scale, bias, blocks):
-    """``y = scale·(x − shift) + bias`` per channel (float64 vectors), written into ``y3``."""
+def _affine(x3, y3, shift, scale, bias, blocks, residual3, floor):
+    """``y = scale·(x − shift) + bias`` per channel (float64 vectors), written into ``y3``; plus
+    ``residual3`` and ReLU'd (``floor`` 0.0) where given (not None)."""
     if x3.size == 0:
         return
     inner = x3.shape[2]
     if inner >= blocks[6]:
-        _planar_affine(x3, y3, shift, scale, bias, blocks[0], _streams(y3, blocks))
+        _planar_affine(x3, y3, shift, scale, bias, blocks[0], _streams(y3, blocks), residual3,
+                       floor)
         return
     fold = _fold(x3, blocks)
     for part in range(_parts(x3, fold)):
         columns = fold if part == 0 else 1
-        y = _rows_of(y3, fold, part == 1)
-        _rows_affine(_rows_of(x3, fold, part == 1), y, _per_column(shift, inner, columns),
+        leftover = part == 1
+        y = _rows_of(y3, fold, leftover)
+        _rows_affine(_rows_of(x3, fold, leftover), y, _per_column(shift, inner, columns),
                      _per_column(scale, inner, columns), _per_column(bias, inner, columns),
-                     blocks[0], _streams_rows(y, blocks))
+                     blocks[0], _streams_rows(y, blocks), _rows_or_none(residual3, fold, leftover),
+                     floor)
 
 
 @_step
-def _forward_map(x3, y3, shift, delta, m2, gamma, beta, eps, blocks):
+def _forward_map(x3, y3, shift, delta, m2, gamma, beta, eps, blocks, residual3, floor):
     """``forward_map``."""
     count = x3.shape[0] * x3.shape[2]
     channels = x3.shape[1]
@@ -1034,12 +1154,12 @@ def _forward_map(x3, y3, shift, delta, m2, gamma, beta, eps, blocks):
     for c in range(channels):
         invstd[c], scale[c], bias[c] = _forward_coefficients_jit(m2[c], count, gamma[c], beta[c],
                                                                  delta[c], eps)
-    _affine(x3, y3, shift, scale, bias, blocks)
+    _affine(x3, y3, shift, scale, bias, blocks, residual3, floor)
     return shift + delta, m2 / count, invstd
 
 
 @_step
-def _normalize_with(x3, y3, mean, var, gamma, beta, eps, blocks):
+def _normalize_with(x3, y3, mean, var, gamma, beta, eps, blocks, residual3, floor):
     """``normalize_with``, with float64 ``mean`` and ``var``."""
     channels = mean.size
     invstd = np.empty(channels)
@@ -1049,27 +1169,29 @@ def _normalize_with(x3, y3, mean, var, gamma, beta, eps, blocks):
         invstd[c] = 1.0 / np.sqrt(var[c] + eps)
         scale[c] = gamma[c] * invstd[c]
         bias[c] = beta[c]
-    _affine(x3, y3, mean, scale, bias, blocks)
+    _affine(x3, y3, mean, scale, bias, blocks, residual3, floor)
     return invstd
 
 
 @_step
-def _gradient_sums(dy3, x3, mean, blocks):
+def _gradient_sums(dy3, x3, mean, blocks, mask3):
     """``gradient_sums``."""
     outer, channels, inner = x3.shape
     if x3.size == 0:
         return np.zeros(channels), np.zeros(channels)
     if inner >= blocks[6]:
-        sums = _planar_grad_sums(dy3, x3, mean, *_planar_plan(outer, inner, blocks[0]))
+        sums = _planar_grad_sums(dy3, x3, mean, *_planar_plan(outer, inner, blocks[0]), mask3)
         return sums[0], sums[1]
     sums = np.zeros((2, channels))
     fold = _fold(x3, blocks)
     for part in range(_parts(x3, fold)):
         columns = fold if part == 0 else 1
-        x = _rows_of(x3, fold, part == 1)
+        leftover = part == 1
+        x = _rows_of(x3, fold, leftover)
         segment_rows, _, block = _rows_plan(x.shape[0], x.shape[1], blocks)
-        per_column = _rows_grad_sums(_rows_of(dy3, fold, part == 1), x,
-                                     _per_column(mean, inner, columns), segment_rows, block)
+        per_column = _rows_grad_sums(_rows_of(dy3, fold, leftover), x,
+                                     _per_column(mean, inner, columns), segment_rows, block,
+                                     _rows_or_none(mask3, fold, leftover))
         for k in range(columns):
             for c in range(channels):
                 for i in range(inner):
@@ -1080,26 +1202,30 @@ def _gradient_sums(dy3, x3, mean, blocks):
 
 
 @_step
-def _grad_map(dy3, x3, dx3, mean, p, q, r, blocks):
-    """``dx = p·dy + q·(x − mean) + r`` per channel, written into ``dx3``."""
-    inner = x3.shape[2]
+def _grad_map(dy3, x3, dx3, mean, p, q, r, blocks, mask3, dresidual3):
+    """``dx = p·g + q·(x − mean) + r`` per channel, written into ``dx3``, where ``g`` is dy, or
+    dy masked by the ReLU's output ``mask3``; ``g`` written into ``dresidual3`` if given. With
+    ``x3`` None (eval), ``dx = p·g + r``."""
+    inner = dx3.shape[2]
     if inner >= blocks[6]:
-        _planar_grad_map(dy3, x3, dx3, mean, p, q, r, blocks[0], _streams(dx3, blocks))
+        _planar_grad_map(dy3, x3, dx3, mean, p, q, r, blocks[0], _streams(dx3, blocks), mask3,
+                         dresidual3)
         return
-    fold = _fold(x3, blocks)
-    for part in range(_parts(x3, fold)):
+    fold = _fold(dx3, blocks)
+    for part in range(_parts(dx3, fold)):
         columns = fold if part == 0 else 1
         leftover = part == 1
         dx = _rows_of(dx3, fold, leftover)
-        _rows_grad_map(_rows_of(dy3, fold, leftover), _rows_of(x3, fold, leftover), dx,
+        _rows_grad_map(_rows_of(dy3, fold, leftover), _rows_or_none(x3, fold, leftover), dx,
                        _per_column(mean, inner, columns), _per_column(p, inner, columns),
                        _per_column(q, inner, columns), _per_column(r, inner, columns), blocks[0],
-                       _streams_rows(dx, blocks))
+                       _streams_rows(dx, blocks), _rows_or_none(mask3, fold, leftover),
+                       _rows_or_none(dresidual3, fold, leftover))
 
 
 @_step
 def _backward_map(dy3, x3, dx3, mean, invstd, gamma, sum_dy, sum_dy_xmu, count, training,
-                  blocks):
+                  blocks, mask3, dresidual3):
     """``backward_map``."""
     if x3.size == 0:
         return
@@ -1111,10 +1237,13 @@ def _backward_map(dy3, x3, dx3, mean, invstd, gamma, sum_dy, sum_dy_xmu, count, 
         p[c], q[c], r[c] = _backward_coefficients_jit(sum_dy[c], sum_dy_xmu[c], count, gamma[c],
                                                       invstd[c])
     if training:
-        _grad_map(dy3, x3, dx3, mean, p, q, r, blocks)
-    else:
-        zeros = np.zeros(x3.shape[1])
-        _affine(dy3, dx3, zeros, p, zeros, blocks)
+        _grad_map(dy3, x3, dx3, mean, p, q, r, blocks, mask3, dresidual3)
+    elif mask3 is None and dresidual3 is None:
+        zeros = np.zeros(channels)
+        _affine(dy3, dx3, zeros, p, zeros, blocks, None, None)
+    else:  # p·g + 0, as the plain eval map p·(dy − 0) + 0 gives
+        zeros = np.zeros(channels)
+        _grad_map(dy3, None, dx3, zeros, p, zeros, zeros, blocks, mask3, dresidual3)
 
 
 @njit(**_jit)
@@ -1142,16 +1271,17 @@ def _store_rows(into, first, second):
 
 @_step
 def _train_forward(x3, y3, gamma, beta, eps, running_mean, running_var, momentum, stats,
-                   blocks):
+                   blocks, residual3, floor):
     if _LARGE_PATHS and _fuses(x3, blocks):
         moments = np.empty((3, x3.shape[1]))
         _planar_fused_forward(x3, y3, gamma, beta, eps,
                               *_planar_plan(x3.shape[0], x3.shape[2], blocks[0]),
-                              _streams(y3, blocks), moments)
+                              _streams(y3, blocks), moments, residual3, floor)
         mean, var, invstd = moments[0], moments[1], moments[2]
     else:
         shift, delta, m2 = _moments(x3, blocks)
-        mean, var, invstd = _forward_map(x3, y3, shift, delta, m2, gamma, beta, eps, blocks)
+        mean, var, invstd = _forward_map(x3, y3, shift, delta, m2, gamma, beta, eps, blocks,
+                                         residual3, floor)
     if running_mean is not None:
         count = x3.shape[0] * x3.shape[2]
         _update_running(running_mean, running_var, mean, var, momentum, count / (count - 1))
@@ -1159,25 +1289,26 @@ def _train_forward(x3, y3, gamma, beta, eps, running_mean, running_var, momentum
 
 
 @_step
-def _eval_forward(x3, y3, gamma, beta, eps, running_mean, running_var, stats, blocks):
+def _eval_forward(x3, y3, gamma, beta, eps, running_mean, running_var, stats, blocks, residual3,
+                  floor):
     mean = running_mean.astype(np.float64)  # a copy: stats must not alias running_mean
     invstd = _normalize_with(x3, y3, mean, running_var.astype(np.float64), gamma, beta, eps,
-                             blocks)
+                             blocks, residual3, floor)
     _store_rows(stats, mean, invstd)
 
 
 @_step
-def _backward(dy3, x3, dx3, mean, invstd, gamma, training, grads, blocks):
+def _backward(dy3, x3, dx3, mean, invstd, gamma, training, grads, blocks, mask3, dresidual3):
     if _LARGE_PATHS and training and _fuses(x3, blocks):
         sums = np.empty((2, x3.shape[1]))
         _planar_fused_backward(dy3, x3, dx3, mean, invstd, gamma,
                                *_planar_plan(x3.shape[0], x3.shape[2], blocks[0]),
-                               _streams(dx3, blocks), sums)
+                               _streams(dx3, blocks), sums, mask3, dresidual3)
         sum_dy, sum_dy_xmu = sums[0], sums[1]
     else:
-        sum_dy, sum_dy_xmu = _gradient_sums(dy3, x3, mean, blocks)
+        sum_dy, sum_dy_xmu = _gradient_sums(dy3, x3, mean, blocks, mask3)
         _backward_map(dy3, x3, dx3, mean, invstd, gamma, sum_dy, sum_dy_xmu,
-                      x3.shape[0] * x3.shape[2], training, blocks)
+                      x3.shape[0] * x3.shape[2], training, blocks, mask3, dresidual3)
     _store_rows(grads, sum_dy_xmu * invstd, sum_dy)
 
 
@@ -1187,12 +1318,13 @@ def _constant(value, channels):
     return np.full(channels, value)
 
 
-def batch_norm(x3, y3, gamma, beta, eps, training, running_mean, running_var, momentum):
+def batch_norm(x3, y3, gamma, beta, eps, training, running_mean, running_var, momentum,
+               residual3=None, relu=False):
     """A whole forward in one compiled call, for C-contiguous arrays that need no conversion.
 
     ``gamma``, ``beta``: float32/float64 (C,) arrays or None; the running statistics float32/
-    float64 (C,) arrays, or None in training. Returns the float64 ``(mean, invstd)`` as the two
-    rows of one array.
+    float64 (C,) arrays, or None in training; ``residual3`` added and ``relu`` applied after the
+    map (``forward_map``). Returns the float64 ``(mean, invstd)`` as the two rows of one array.
     """
     channels = x3.shape[1]
     gamma = _constant(1.0, channels) if gamma is None else gamma
@@ -1200,21 +1332,29 @@ def batch_norm(x3, y3, gamma, beta, eps, training, running_mean, running_var, mo
     stats = np.empty((2, channels))
     if training:
         _train_forward.build(x3.size)(x3, y3, gamma, beta, eps, running_mean, running_var,
-                                      momentum, stats, _blocks())
+                                      momentum, stats, _blocks(), residual3, _floor(relu))
     else:
         _eval_forward.build(x3.size)(x3, y3, gamma, beta, eps, running_mean, running_var, stats,
-                                     _blocks())
+                                     _blocks(), residual3, _floor(relu))
     return stats
 
 
-def batch_norm_backward(dy3, x3, dx3, mean, invstd, gamma, training):
-    """A whole backward in one compiled call (arrays as ``batch_norm``'s): ``(dgamma, dbeta)``,
-    in gamma's dtype (x's if gamma is None), as the two rows of one array."""
+def batch_norm_backward(dy3, x3, dx3, mean, invstd, gamma, training, y3=None,
+                        dresidual3=None):
+    """A whole backward in one compiled call (arrays as ``batch_norm``'s; ``y3`` and
+    ``dresidual3`` as ``backward_map``'s): ``(dgamma, dbeta)``, in gamma's dtype (x's if gamma
+    is None), as the two rows of one array."""
     channels = x3.shape[1]
     grads = np.empty((2, channels), x3.dtype if gamma is None else gamma.dtype)
     gamma = _constant(1.0, channels) if gamma is None else gamma
-    _backward.build(x3.size)(dy3, x3, dx3, mean, invstd, gamma, training, grads, _blocks())
+    _backward.build(x3.size)(dy3, x3, dx3, mean, invstd, gamma, training, grads, _blocks(), y3,
+                             dresidual3)
     return grads
+
+
+def _floor(relu):
+    """What the maps take for the activation: ReLU's 0.0, or None."""
+    return 0.0 if relu else None
 
 
 # -- the device interface: the same names, arguments and results in fastbn/cuda.py -------------
@@ -1280,36 +1420,44 @@ def moments(x3):
     return _moments(x3, _blocks())
 
 
-def forward_map(x3, y3, shift, delta, m2, gamma, beta, eps):
+def forward_map(x3, y3, shift, delta, m2, gamma, beta, eps, residual3=None, relu=False):
     """Training forward's map, ``y = γ·(x − μ)/sqrt(σ² + eps) + β``, from ``moments(x3)``.
 
     Applied centred about the shift, which lies within the data (docs/design.md §3):
     ``a·(x − s) + (β − a·δ)``, where the folded ``a·x + (β − a·μ)`` would lose digits when
-    |μ| ≫ σ. Returns the float64 ``(mean, biased var, invstd)``.
+    |μ| ≫ σ. Fused, in float64 before the one rounding: ``+ residual3`` if given, then
+    ``max(·, 0)`` if ``relu`` (NaN passes). Returns the float64 ``(mean, biased var, invstd)``.
     """
-    return _forward_map(x3, y3, shift, delta, m2, gamma, beta, eps, _blocks())
+    return _forward_map(x3, y3, shift, delta, m2, gamma, beta, eps, _blocks(), residual3,
+                        _floor(relu))
 
 
-def normalize_with(x3, y3, mean, var, gamma, beta, eps):
+def normalize_with(x3, y3, mean, var, gamma, beta, eps, residual3=None, relu=False):
     """The map with given statistics (eval, ``fastbn.normalize``): ``y = γ·(x − mean)·invstd + β``
-    with ``invstd = 1/sqrt(var + eps)``, which it returns."""
-    return _normalize_with(x3, y3, mean, var, gamma, beta, eps, _blocks())
+    with ``invstd = 1/sqrt(var + eps)``, which it returns; ``residual3`` and ``relu`` as in
+    ``forward_map``."""
+    return _normalize_with(x3, y3, mean, var, gamma, beta, eps, _blocks(), residual3,
+                           _floor(relu))
 
 
-def gradient_sums(dy3, x3, mean):
-    """Per-channel float64 ``(Σdy, Σdy·(x − mean))``, in one pass over dy and x."""
-    return _gradient_sums(dy3, x3, mean, _blocks())
+def gradient_sums(dy3, x3, mean, y3=None):
+    """Per-channel float64 ``(Σg, Σg·(x − mean))``, in one pass over dy and x, where ``g`` is dy,
+    or, given the ReLU's output ``y3``, dy where ``y3 > 0`` and 0 elsewhere."""
+    return _gradient_sums(dy3, x3, mean, _blocks(), y3)
 
 
-def backward_map(dy3, x3, dx3, mean, invstd, gamma, sum_dy, sum_dy_xmu, count, training):
+def backward_map(dy3, x3, dx3, mean, invstd, gamma, sum_dy, sum_dy_xmu, count, training,
+                 y3=None, dresidual3=None):
     """``dx`` of batch norm into ``dx3``, from the sums over the batch of ``count`` values per
     channel that the statistics came from (x's own, or a larger batch that x is part of).
 
     ``training`` says whether the statistics were the batch's, so that the gradient flows through
-    them: ``dx = p·dy + q·(x − μ) + r``; otherwise ``dx = p·dy``, with ``p = γ·invstd``.
+    them: ``dx = p·g + q·(x − μ) + r``; otherwise ``dx = p·g``, with ``p = γ·invstd``. ``g`` is
+    dy, masked by ``y3 > 0`` if the ReLU's output ``y3`` is given (as ``gradient_sums``); it is
+    written into ``dresidual3`` too if given (which may be ``dy3`` itself).
     """
     _backward_map(dy3, x3, dx3, mean, invstd, gamma, sum_dy, sum_dy_xmu, count, training,
-                  _blocks())
+                  _blocks(), y3, dresidual3)
 
 
 def parameter_gradients(sum_dy, sum_dy_xmu, invstd, dtype):

@@ -82,13 +82,14 @@ def _exchange(comm, mine, failure=None):
 
 def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=None,
             running_var=None, momentum=0.1, eps=1e-5, out=None, device=None, comm=None,
-            stream=None):
+            stream=None, residual=None, activation=None):
     """``fastbn.forward`` with the statistics of the global batch: every rank's x together.
 
     Parameters
     ----------
     x, gamma, beta, axis, training, running_mean, running_var, momentum, eps, out, device, stream
-        As for ``fastbn.forward``. x is this rank's slice of the batch, any size (empty too);
+    residual, activation
+        As for ``fastbn.forward`` (residual: this rank's slice). x is this rank's slice of the batch, any size (empty too);
         training needs more than one value per channel in the global batch. ``training`` must be
         the same on every rank.
     comm : mpi4py communicator, optional
@@ -108,14 +109,16 @@ def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=Non
         if training:
             call = internal.check_forward(x, gamma, beta, axis, True, running_mean, running_var,
                                           momentum, eps, out, device, own_statistics=False,
-                                          stream=stream)
+                                          stream=stream, residual=residual,
+                                          activation=activation)
             mine = internal.batch_moments(call.device, call.x, call.axis)
     except Exception as error:  # the other ranks learn of it in the exchange, and raise too
         _exchange(comm, None, error)
     if not training:  # running statistics: nothing to exchange
         return internal.forward(x, gamma, beta, axis=axis, training=False, running_mean=running_mean,
-                            running_var=running_var, momentum=momentum, eps=eps, out=out,
-                            device=device, stream=stream)
+                                running_var=running_var, momentum=momentum, eps=eps, out=out,
+                                device=device, stream=stream, residual=residual,
+                                activation=activation)
     # every rank's Moments, made by fastbn there, of one agreed layout: merged unchecked
     total = internal.merge(_exchange(comm, (_layout(call.x, call.axis), mine)))
     if total.count.size and total.count[0] < 2:
@@ -126,12 +129,12 @@ def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=Non
 
 
 def backward(dy, x, stats, gamma=None, *, axis=1, training=True, out=None, device=None,
-             comm=None, stream=None):
+             comm=None, stream=None, activation=None, y=None, dresidual=None):
     """``fastbn.backward`` through the statistics of the global batch.
 
     Parameters
     ----------
-    dy, x, stats, gamma, axis, training, out, device, stream
+    dy, x, stats, gamma, axis, training, out, device, stream, activation, y, dresidual
         As for ``fastbn.backward``: this rank's slices, and the stats that ``forward`` returned.
         ``training`` must be the same on every rank.
     comm : mpi4py communicator, optional
@@ -148,12 +151,14 @@ def backward(dy, x, stats, gamma=None, *, axis=1, training=True, out=None, devic
     try:
         training = internal.flag("training", training)
         if training:
-            call = internal.check_backward(dy, x, stats, gamma, axis, True, out, device, stream)
+            call = internal.check_backward(dy, x, stats, gamma, axis, True, out, device, stream,
+                                           activation, y, dresidual)
     except Exception as error:
         _exchange(comm, None, error)
     if not training:  # constant statistics: nothing couples the ranks
         return internal.backward(dy, x, stats, gamma, axis=axis, training=False, out=out,
-                             device=device, stream=stream)
+                                 device=device, stream=stream, activation=activation, y=y,
+                                 dresidual=dresidual)
 
     def add(sum_dy, sum_dy_xmu, count):
         everyone = _exchange(comm, (_layout(call.x, call.axis), (sum_dy, sum_dy_xmu, count)))
@@ -180,14 +185,15 @@ class SyncBatchNorm(BatchNorm):
         super().__init__(num_features, **options)
         self.comm = _communicator(comm)
 
-    def _forward(self, x, gamma, beta, axis, training, running_mean, running_var, momentum, eps):
+    def _forward(self, x, gamma, beta, axis, training, running_mean, running_var, momentum, eps,
+                 residual, activation):
         return forward(x, gamma, beta, axis=axis, training=training, running_mean=running_mean,
                        running_var=running_var, momentum=momentum, eps=eps, stream=self.stream,
-                       comm=self.comm)
+                       comm=self.comm, residual=residual, activation=activation)
 
-    def _backward(self, dy, x, stats, gamma, axis, training):
+    def _backward(self, dy, x, stats, gamma, axis, training, activation, y, dresidual):
         return backward(dy, x, stats, gamma, axis=axis, training=training, stream=self.stream,
-                        comm=self.comm)
+                        comm=self.comm, activation=activation, y=y, dresidual=dresidual)
 
     @classmethod
     def convert(cls, model, comm=None):

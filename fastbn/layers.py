@@ -3,7 +3,8 @@ import numbers
 
 import numpy as np
 
-from ._internal import DATA_DTYPES, backward, eps_value, forward
+from ._arrays import device_view, is_cuda_array
+from ._internal import DATA_DTYPES, activation_value, backward, eps_value, forward
 
 
 class BatchNorm:
@@ -30,6 +31,10 @@ class BatchNorm:
     stream : CUDA stream, optional
         The stream the layer's GPU calls run on (attribute ``stream``, which may be changed
         between calls); see ``fastbn.forward``. Ignored on the CPU.
+    activation : {None, "relu"}
+        Fused after the normalization (and the residual, if the call passes one):
+        ``bn(x, residual)`` is ``relu(BN(x) + residual)`` in one pass. The layer keeps y for
+        the backward pass's mask: do not modify it in place before ``backward``.
 
     Attributes
     ----------
@@ -44,7 +49,7 @@ class BatchNorm:
     """
 
     def __init__(self, num_features, *, axis=1, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, dtype=np.float32, stream=None):
+                 track_running_stats=True, dtype=np.float32, stream=None, activation=None):
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) \
                 or num_features < 1:
             raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
@@ -54,6 +59,7 @@ class BatchNorm:
                                      or not isinstance(momentum, numbers.Real)
                                      or not 0.0 <= momentum <= 1.0):
             raise ValueError(f"momentum must be None or a number in [0, 1], got {momentum!r}")
+        activation_value(activation)
         dtype = np.dtype(dtype)
         if dtype not in DATA_DTYPES:
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
@@ -70,14 +76,18 @@ class BatchNorm:
         self.running_var = np.ones(channels, dtype) if track_running_stats else None
         self.num_batches_tracked = 0 if track_running_stats else None
         self.stream = stream
+        self.activation = activation
         self.training = True
         self.dgamma = self.dbeta = None
-        self._saved = None  # (x, stats, whether the statistics were the batch's)
+        # (x, stats, whether the statistics were the batch's, y if the layer has a ReLU, whether
+        # the call had a residual)
+        self._saved = None
 
     def __repr__(self):
-        return (f"BatchNorm({self.num_features}, axis={self.axis}, eps={self.eps}, "
+        activation = "" if self.activation is None else f", activation={self.activation!r}"
+        return (f"{type(self).__name__}({self.num_features}, axis={self.axis}, eps={self.eps}, "
                 f"momentum={self.momentum}, affine={self.affine}, "
-                f"track_running_stats={self.track_running_stats})")
+                f"track_running_stats={self.track_running_stats}{activation})")
 
     # -- modes ----------------------------------------------------------------------------------
 
@@ -92,11 +102,12 @@ class BatchNorm:
 
     # -- forward and backward -------------------------------------------------------------------
 
-    def __call__(self, x):
-        return self.forward(x)
+    def __call__(self, x, residual=None):
+        return self.forward(x, residual)
 
-    def forward(self, x):
-        """``y`` for the batch ``x``; in training mode, also updates the running statistics."""
+    def forward(self, x, residual=None):
+        """``y`` for the batch ``x``, ``act(BN(x) + residual)`` with the layer's activation and a
+        residual (x's shape) if given; in training mode, also updates the running statistics."""
         batch_stats = self.training or not self.track_running_stats
         updating = self.training and self.track_running_stats
         momentum = self.momentum
@@ -105,30 +116,38 @@ class BatchNorm:
         running = (self.running_mean, self.running_var) if self.track_running_stats and \
             (updating or not batch_stats) else (None, None)
         y, stats = self._forward(x, self.gamma, self.beta, self.axis, batch_stats, running[0],
-                                 running[1], 0.0 if momentum is None else momentum, self.eps)
+                                 running[1], 0.0 if momentum is None else momentum, self.eps,
+                                 residual, self.activation)
         if updating:
             self.num_batches_tracked += 1
-        self._saved = x, stats, batch_stats
+        self._saved = x, stats, batch_stats, None if self.activation is None else y, \
+            residual is not None
         return y
 
     def backward(self, dy):
-        """``dx`` for ``dy = ∂loss/∂y`` of the last forward; ``grads()`` then holds dgamma, dbeta."""
+        """``dx`` for ``dy = ∂loss/∂y`` of the last forward, or ``(dx, dresidual)`` if that
+        forward had a residual; ``grads()`` then holds dgamma, dbeta."""
         if self._saved is None:
             raise RuntimeError("backward needs a forward first: it differentiates the last one")
-        x, stats, batch_stats = self._saved
-        dx, dgamma, dbeta = self._backward(dy, x, stats, self.gamma, self.axis, batch_stats)
+        x, stats, batch_stats, y, had_residual = self._saved
+        dresidual = _empty_like(dy, x) if had_residual else None
+        dx, dgamma, dbeta = self._backward(dy, x, stats, self.gamma, self.axis, batch_stats,
+                                           self.activation, y, dresidual)
         if self.affine:
             self.dgamma, self.dbeta = dgamma, dbeta
-        return dx
+        return dx if dresidual is None else (dx, dresidual)
 
     # What SyncBatchNorm replaces. Positional, and keywords spelled out: a training step calls
     # these twice, and packing and unpacking **options costs a small tensor's microsecond.
-    def _forward(self, x, gamma, beta, axis, training, running_mean, running_var, momentum, eps):
+    def _forward(self, x, gamma, beta, axis, training, running_mean, running_var, momentum, eps,
+                 residual, activation):
         return forward(x, gamma, beta, axis=axis, training=training, running_mean=running_mean,
-                       running_var=running_var, momentum=momentum, eps=eps, stream=self.stream)
+                       running_var=running_var, momentum=momentum, eps=eps, stream=self.stream,
+                       residual=residual, activation=activation)
 
-    def _backward(self, dy, x, stats, gamma, axis, training):
-        return backward(dy, x, stats, gamma, axis=axis, training=training, stream=self.stream)
+    def _backward(self, dy, x, stats, gamma, axis, training, activation, y, dresidual):
+        return backward(dy, x, stats, gamma, axis=axis, training=training, stream=self.stream,
+                        activation=activation, y=y, dresidual=dresidual)
 
     def params(self):
         """``{"gamma": ..., "beta": ...}`` (the arrays themselves), or ``{}`` without affine."""
@@ -184,17 +203,26 @@ class BatchNorm:
             target[...] = values[name]
 
 
+def _empty_like(dy, x):
+    """A new array for dresidual, where dy lives, laid out like x (backward checks the shapes)."""
+    if is_cuda_array(dy):
+        from numba import cuda
+        view = device_view(dy, "dy")
+        return cuda.device_array(view.shape, view.dtype)
+    return np.empty_like(x, dtype=np.asarray(dy).dtype)
+
+
 class _FixedRank(BatchNorm):
     """BatchNorm for inputs of the ranks PyTorch's class of the same name accepts."""
 
     ranks = ()
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
         ndim = np.ndim(x)
         if ndim not in self.ranks:
             raise ValueError(f"{type(self).__name__} takes inputs of {' or '.join(map(str, self.ranks))} "
                              f"dimensions, got shape {np.shape(x)}")
-        return super().forward(x)
+        return super().forward(x, residual)
 
 
 class BatchNorm1d(_FixedRank):
