@@ -105,6 +105,49 @@ def forward_and_backward_equal_the_concatenated_batch():
             same_everywhere(st.mean, st.invstd, mine_rm, mine_rv)
 
 
+@check(gpu=True)
+def fused_residual_and_relu_equal_the_concatenated_batch():
+    """relu(BN(x) + residual) and its backward (mask, dresidual), training and eval, and the
+    SyncBatchNorm layer with activation="relu": single-process fastbn's results on the whole
+    batch."""
+    sizes = SPLITS[0]
+    x, dy, gamma, beta, rm, rv = global_case((None, 4, 3, 5), 1, sizes, seed=3)
+    residual = global_case((None, 4, 3, 5), 1, sizes, seed=4)[0]
+    mine = {name: mine_on_device(my_slice(a, sizes)) for name, a in
+            (("x", x), ("dy", dy), ("residual", residual))}
+    for training in (True, False):
+        running = {} if training else dict(running_mean=rm, running_var=rv)
+        y_full, st_full = fastbn.forward(x, gamma, beta, training=training, residual=residual,
+                                         activation="relu", **running)
+        dres_full = np.empty_like(dy)
+        dx_full, dg_full, db_full = fastbn.backward(dy, x, st_full, gamma, training=training,
+                                                    activation="relu", y=y_full,
+                                                    dresidual=dres_full)
+        y, st = distributed.forward(mine["x"], gamma, beta, training=training,
+                                    residual=mine["residual"], activation="relu", **running)
+        dres = mine_on_device(np.empty_like(my_slice(dy, sizes)))
+        dx, dg, db = distributed.backward(mine["dy"], mine["x"], st, gamma, training=training,
+                                          activation="relu", y=y, dresidual=dres)
+        where = f"training={training}"
+        for got, single, name in [(host(y), my_slice(y_full, sizes), "y"),
+                                  (host(dx), my_slice(dx_full, sizes), "dx"),
+                                  (host(dres), my_slice(dres_full, sizes), "dresidual"),
+                                  (summed(host(dg)), dg_full, "dgamma"),
+                                  (summed(host(db)), db_full, "dbeta")]:
+            assert_close(got, single, 1e-10, f"fused {name}, {where}")
+    if GPU:
+        return
+    single = fastbn.BatchNorm(4, activation="relu", dtype=np.float64)
+    synced = distributed.SyncBatchNorm(4, activation="relu", dtype=np.float64)
+    y_full = single(x, residual)
+    dx_full, dres_full = single.backward(dy)
+    y = synced(my_slice(x, sizes), my_slice(residual, sizes))
+    dx, dres = synced.backward(my_slice(dy, sizes))
+    for got, single_value, name in [(y, y_full, "y"), (dx, dx_full, "dx"),
+                                    (dres, dres_full, "dresidual")]:
+        assert_close(got, my_slice(single_value, sizes), 1e-10, f"fused layer {name}")
+
+
 @check
 def float32_in_place_and_eval():
     sizes = SPLITS[0]
