@@ -18,24 +18,35 @@ LABELS = {"fastbn": "fastbn", "fastbn-new": "fastbn, new output", "numpy": "NumP
           **PEER_LABELS, "streaming-copy": "streaming copy"}
 PEERS = tuple(PEER_LABELS)
 COPIES = ("memcpy", "copy")  # np.copyto; a copy on Numba's threads
+# The fused op's benchmarks (bench/test_bench_fused.py): its ops, and its implementations' columns.
+FUSED_OPS = ("fwd", "fwd+bwd")
+FUSED_LABELS = {"fastbn-fused": "fused", "fastbn-unfused": "unfused", "torch": "PyTorch",
+                "fastbn-plain": "plain BN"}
 NONE = "–"
 FLAG = "*"  # after a peer's figure: its result failed the check against NumPy in float64
 
 
 def load(path):
-    """``(results, times, nbytes, latency, invalid)``: the JSON; per bandwidth group ``(op,
-    layout, shape)`` the fastest time of each implementation in seconds and the bytes the op
-    moves, in table order; per latency group ``(layout, shape, op)`` each implementation's median
-    time in seconds, in the order of the run; the ``(group, implementation)`` pairs whose result
-    failed the check (peers only: they are timed all the same)."""
+    """``(results, times, nbytes, latency, invalid, fused)``: the JSON; per bandwidth group
+    ``(op, layout, shape)`` the fastest time of each implementation in seconds and the bytes the
+    op moves, in table order; per latency group ``(layout, shape, op)`` each implementation's
+    median time in seconds, in the order of the run; the ``(group, implementation)`` pairs whose
+    result failed the check (peers only: they are timed all the same); per group of the fused
+    op (``bench/test_bench_fused.py``) ``(op, layout, shape)``, ``{"bytes": the bytes it moves,
+    implementation: its fastest time}``, in the order of the run."""
     with open(path) as f:
         results = json.load(f)
-    times, nbytes, latency, invalid = {}, {}, {}, set()
+    times, nbytes, latency, invalid, fused = {}, {}, {}, set(), {}
     for bench in results["benchmarks"]:
         info = bench["extra_info"]
         if info.get("kind") == "latency":
             key = info["layout"], info["shape"], info["op"]
             latency.setdefault(key, {})[info["impl"]] = bench["stats"]["median"]
+            continue
+        if info.get("kind") == "fused":
+            group = fused.setdefault((info["op"], info["layout"], info["shape"]),
+                                     {"bytes": info["bytes"]})
+            group[info["impl"]] = bench["stats"]["min"]
             continue
         key = info["op"], info["layout"], info["shape"]
         times.setdefault(key, {})[info["impl"]] = bench["stats"]["min"]
@@ -44,7 +55,9 @@ def load(path):
             invalid.add((key, info["impl"]))
     # By op, then in the order of the run (layouts and shapes as fastbn.cases lists them).
     order = sorted(times, key=lambda key: OPS.index(key[0]) if key[0] in OPS else len(OPS))
-    return results, {key: times[key] for key in order}, nbytes, latency, invalid
+    fused = dict(sorted(fused.items(), key=lambda item: FUSED_OPS.index(item[0][0])
+                        if item[0][0] in FUSED_OPS else len(FUSED_OPS)))
+    return results, {key: times[key] for key in order}, nbytes, latency, invalid, fused
 
 
 def yardstick(impls):
@@ -153,6 +166,42 @@ def latency_markdown(latency):
     return "\n".join(lines) + "\n"
 
 
+def fused_markdown(fused, threads="?"):
+    """The table of the fused op, BN + residual add + ReLU: one row per group."""
+    lines = [
+        ("Batch norm fused with a residual add and a ReLU, `y = relu(BN(x) + r)`, in training "
+        "(`bench/test_bench_fused.py`): fwd is the forward; fwd+bwd the forward, then the backward "
+        "with the ReLU's mask that also returns the residual's gradient. fused: "
+        "`fastbn.forward(..., residual=r, activation=\"relu\")` and `fastbn.backward(..., "
+        "activation=\"relu\", y=y, dresidual=...)`; unfused: fastbn's plain batch norm with "
+        "the add, the ReLU and the mask in NumPy; PyTorch: its eager ATen ops (batch norm, "
+        "`add_`, `relu_`; `threshold_backward`, batch norm's backward); plain BN: fastbn's "
+        "batch norm alone on the same tensor, without the add or the ReLU. Times are the "
+        "minimum over each benchmark's rounds. × copy: time over that of the fastest plain "
+        f"copy of x (the faster of `np.copyto` and a copy on Numba's {threads} threads). GB/s: "
+        "the bytes the fused op must move at the least (forward: x, r, y; backward: dy, x, y, "
+        "dx, dr) over its time. fused ÷ plain: what the fusion costs over batch norm alone "
+        "(the goal: 1.15 at most); fused ÷ unfused, fused ÷ PyTorch: under 1 where fused is "
+        "faster."),
+        "",
+        "| op | layout | shape | fused ms | GB/s | " + " | ".join(
+            f"{label} × copy" for label in FUSED_LABELS.values())
+        + " | fused ÷ plain | fused ÷ unfused | fused ÷ PyTorch | copy |",
+        "|---|---|---|" + "---:|" * (len(FUSED_LABELS) + 6),
+    ]
+    for key, impls in fused.items():
+        ours, copy = impls.get("fastbn-fused"), yardstick(impls)
+        cells = [*key, _ms(ours) if ours is not None else NONE,
+                 _number(impls["bytes"] / ours / 1e9) if ours is not None else NONE]
+        cells += [_ratio(impls.get(impl), copy) for impl in FUSED_LABELS]
+        cells += [_ratio(ours, impls.get(impl))
+                  for impl in ("fastbn-plain", "fastbn-unfused", "torch")]
+        faster = min((name for name in COPIES if name in impls), key=impls.get, default=None)
+        cells.append({"memcpy": "np.copyto", "copy": f"{threads} threads"}.get(faster, NONE))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def chart(results, times, path, invalid=frozenset()):
     """Each implementation's time as a multiple of the fastest copy's, a bar per group, into
     ``path``."""
@@ -201,13 +250,16 @@ def main(argv=None):
     parser.add_argument("--png", metavar="OUT.png", help="draw the chart here (needs matplotlib)")
     args = parser.parse_args(argv)
 
-    results, times, nbytes, latency, invalid = load(args.results)
-    if not (times or latency):
+    results, times, nbytes, latency, invalid, fused = load(args.results)
+    if not (times or latency or fused):
         parser.error(f"{args.results} holds no benchmarks (was it run with --benchmark-disable?)")
     text = (markdown(results, times, nbytes, invalid) if times else
             "\n".join(describe(results)) + "\n")
     if latency:
         text += "\n" + latency_markdown(latency)
+    if fused:
+        threads = results.get("machine_info", {}).get("threads", "?")
+        text += "\n" + fused_markdown(fused, threads)
     if args.png and times:
         chart(results, times, args.png, invalid)
         if args.markdown:

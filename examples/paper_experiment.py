@@ -11,8 +11,13 @@ The BN layers are fastbn's, or with ``--bn numpy`` the same layer written in pla
 textbook equations): the networks train alike, and the run prints the training steps per second
 of each.
 
+``--relu`` also trains the same networks with ReLUs in place of the sigmoids, without BN and with
+fastbn's BN fused with its ReLU (``fastbn.BatchNorm(100, activation="relu")``: one pass forward,
+and the ReLU's mask applied inside BN's backward), and adds them to the summary (not to the
+plot).
+
     pip install -e ".[examples]"
-    python examples/paper_experiment.py [--steps 4000] [--bn {fastbn,numpy,both}]
+    python examples/paper_experiment.py [--steps 4000] [--bn {fastbn,numpy,both}] [--relu]
                                         [--out examples/paper_experiment.png]
 """
 import argparse
@@ -81,19 +86,28 @@ class NumpyBatchNorm:
 LAYERS = {"fastbn": fastbn.BatchNorm, "numpy": NumpyBatchNorm}
 
 
+def fused_relu_layer(num_features):
+    """fastbn's BN fused with the ReLU after it: ``relu(BN(z))`` in one layer."""
+    return fastbn.BatchNorm(num_features, activation="relu")
+
+
 class Network:
     """Linear layers with sigmoids between them; with ``batch_norm``, BN before each sigmoid
-    (``layer``: a BN layer class of ``LAYERS``).
+    (``layer``: a BN layer class of ``LAYERS``). With ``activation="relu"``, ReLUs instead of the
+    sigmoids, and with ``batch_norm`` each BN and its ReLU one fused layer (``layer`` is not
+    used).
 
     Weights start as small Gaussians, as in the paper. With BN, a hidden layer has no bias: BN's
     beta takes its place.
     """
 
-    def __init__(self, sizes, batch_norm, rng, layer=fastbn.BatchNorm):
-        self.batch_norm = batch_norm
+    def __init__(self, sizes, batch_norm, rng, layer=fastbn.BatchNorm, activation="sigmoid"):
+        self.batch_norm, self.activation = batch_norm, activation
         self.weights = [rng.normal(0.0, 0.1, (n_in, n_out)).astype(np.float32)
                         for n_in, n_out in zip(sizes[:-1], sizes[1:])]
         self.biases = [np.zeros(n, np.float32) for n in sizes[1:]]
+        if activation == "relu":
+            layer = fused_relu_layer
         self.norms = [layer(n) for n in sizes[1:-1]] if batch_norm else []
 
     def train(self, mode=True):
@@ -107,7 +121,7 @@ class Network:
         transposes. The result is a plain network with the same eval-mode outputs.
         """
         plain = Network.__new__(Network)
-        plain.batch_norm, plain.norms = False, []
+        plain.batch_norm, plain.norms, plain.activation = False, [], self.activation
         plain.weights, plain.biases = [], []
         for k, (w, b) in enumerate(zip(self.weights, self.biases)):
             if k < len(self.norms):
@@ -120,7 +134,9 @@ class Network:
         return plain
 
     def forward(self, x):
-        """Class scores; keeps what backward needs, and each sigmoid's input in ``self.inputs``."""
+        """Class scores; keeps what backward needs, and each sigmoid's input in ``self.inputs``
+        (with ReLUs: each ReLU's input, or with the fused BN+ReLU its output, as the fused layer
+        keeps no input of its ReLU)."""
         self.activations, self.inputs = [x], []
         for k, (w, b) in enumerate(zip(self.weights, self.biases)):
             z = self.activations[-1] @ w
@@ -128,7 +144,11 @@ class Network:
                 return z + b
             z = self.norms[k](z) if self.batch_norm else z + b
             self.inputs.append(z)
-            self.activations.append(sigmoid(z))
+            if self.activation == "relu":
+                # the fused layer's output is already relu(BN(z))
+                self.activations.append(z if self.batch_norm else np.maximum(z, 0))
+            else:
+                self.activations.append(sigmoid(z))
 
     def backward(self, dscores):
         """Gradients of every parameter, as ``[(array, gradient), ...]``."""
@@ -141,7 +161,12 @@ class Network:
                 grads.append((self.biases[k], delta.sum(axis=0)))
             if k == 0:
                 break
-            delta = (delta @ self.weights[k].T) * a * (1.0 - a)  # through the sigmoid
+            delta = delta @ self.weights[k].T
+            if self.activation == "relu":
+                if not self.batch_norm:
+                    delta = delta * (a > 0)  # through the ReLU (the fused layer does it itself)
+            else:
+                delta = delta * a * (1.0 - a)  # through the sigmoid
             if self.batch_norm:
                 bn = self.norms[k - 1]
                 delta = bn.backward(delta)
@@ -165,17 +190,18 @@ def accuracy(net, x, y):
 
 
 def train(batch_norm, learning_rate, steps, data, seed=0, every=50, progress=None,
-          layer=fastbn.BatchNorm):
+          layer=fastbn.BatchNorm, activation="sigmoid"):
     """Train one network; returns ``{"step", "accuracy", "percentiles"}`` recorded every
     ``every``, and ``"steps_per_second"``: training steps (forward, backward, update) per second
-    of the time they took, evaluation left out.
+    of the time they took, evaluation left out. ``activation``: "sigmoid" (the paper's) or
+    "relu" (with ``batch_norm``, fastbn's fused BN+ReLU layers).
 
     ``percentiles`` are the 15th, 50th and 85th percentiles of the last hidden layer's first
     unit's input over the test set, in eval mode (running statistics for BN).
     """
     x_train, y_train, x_test, y_test = data
     rng = np.random.default_rng(seed)
-    net = Network((x_train.shape[1], *HIDDEN, 10), batch_norm, rng, layer)
+    net = Network((x_train.shape[1], *HIDDEN, 10), batch_norm, rng, layer, activation)
     history = {"step": [], "accuracy": [], "percentiles": []}
     training_time = 0.0
     for step in range(steps + 1):
@@ -234,26 +260,34 @@ def main():
     parser.add_argument("--boost", type=float, default=5.0, help="the higher learning rate's factor")
     parser.add_argument("--bn", choices=[*LAYERS, "both"], default="both",
                         help="the BN layers: fastbn's, plain NumPy's, or both in turn (default)")
+    parser.add_argument("--relu", action="store_true",
+                        help="also train the networks with ReLUs instead of sigmoids: without "
+                             "BN, and with fastbn's BN fused with the ReLU")
     parser.add_argument("--out", default="examples/paper_experiment.png")
     args = parser.parse_args()
     data = load_digits_split()
     rates = (args.learning_rate, args.learning_rate * args.boost)
     layers = list(LAYERS) if args.bn == "both" else [args.bn]
+    networks = [(False, None, "sigmoid")] + [(True, name, "sigmoid") for name in layers]
+    if args.relu:
+        networks += [(False, None, "relu"), (True, "fastbn", "relu")]
     runs = {}
-    for batch_norm, layer in [(False, None)] + [(True, name) for name in layers]:
+    for batch_norm, layer, activation in networks:
         for rate in rates:
             label = (f"with BN ({layer}), learning rate {rate:g}" if batch_norm
                      else f"without BN, learning rate {rate:g}")
+            if activation == "relu":
+                label = ("ReLU, " + label).replace("BN (fastbn)", "BN+ReLU fused (fastbn)")
             start = time.perf_counter()
 
             def progress(step, acc, label=label):
                 print(f"\r{label}: step {step:5d}/{args.steps}, test accuracy {acc:.3f}",
                       end="", flush=True)
             runs[label] = train(batch_norm, rate, args.steps, data, progress=progress,
-                                layer=LAYERS.get(layer))
+                                layer=LAYERS.get(layer), activation=activation)
             print(f"  ({time.perf_counter() - start:.0f} s)")
-    plot({label: history for label, history in runs.items()
-          if "BN (" not in label or f"BN ({layers[0]})" in label}, args.out)
+    plot({label: history for label, history in runs.items() if not label.startswith("ReLU")
+          and ("BN (" not in label or f"BN ({layers[0]})" in label)}, args.out)
     print(f"\nwrote {args.out}\n")
     # Inference: fold each BN into the Linear layer before it; the outputs stay the same.
     net = runs[f"with BN ({layers[0]}), learning rate {rates[0]:g}"]["network"]
@@ -261,10 +295,11 @@ def main():
     x_test = data[2]
     difference = np.abs(net.folded().forward(x_test) - net.forward(x_test)).max()
     print(f"BN folded into the weights for inference: largest change of a score {difference:.1e}\n")
-    print(f"{'network':46s} {'final accuracy':>14s} {'steps to 90%':>13s} {'steps/s':>8s}")
+    width = max(46, *map(len, runs))
+    print(f"{'network':{width}s} {'final accuracy':>14s} {'steps to 90%':>13s} {'steps/s':>8s}")
     for label, history in runs.items():
         reached = steps_to_reach(history, 0.9)
-        print(f"{label:46s} {history['accuracy'][-1]:14.3f} "
+        print(f"{label:{width}s} {history['accuracy'][-1]:14.3f} "
               f"{reached if reached is not None else 'never':>13} "
               f"{history['steps_per_second']:8.0f}")
 

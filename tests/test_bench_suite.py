@@ -23,6 +23,11 @@ def test_quick_run_and_report(tmp_path):
         for layout in LAYOUTS:
             for impl in ("fastbn", "fastbn-new", "numpy", "memcpy", "copy"):
                 assert (op.name, layout.name, impl) in timed
+    # bench/test_bench_fused.py: BN + residual add + ReLU on the planar and channels-last layouts
+    for op in ("fwd", "fwd+bwd"):
+        for layout in ("NCHW", "NHWC"):
+            for impl in ("fastbn-fused", "fastbn-unfused", "fastbn-plain", "memcpy", "copy"):
+                assert (op, layout, impl) in timed
 
     table = run_python("bench/report.py", str(results), timeout=60).stdout
     lines = [line.strip().strip("|").split("|") for line in table.splitlines()
@@ -40,6 +45,24 @@ def test_quick_run_and_report(tmp_path):
                 "NumPy × copy")]
             assert min(figures) > 0, cells
             assert cells["copy"] in ("np.copyto", "2 threads", f"{numba.get_num_threads()} threads")
+
+    # The fused op's own table, after the others: a row per op × layout, with its ratios.
+    start = next(i for i, cells in enumerate(lines) if "fused ms" in map(str.strip, cells))
+    header = [cell.strip() for cell in lines[start]]
+    fused = {tuple(cell.strip() for cell in cells[:3]): dict(zip(header, map(str.strip, cells)))
+             for cells in lines[start + 1:]}
+    for op in ("fwd", "fwd+bwd"):
+        for layout in LAYOUTS:
+            if layout.name not in ("NCHW", "NHWC"):
+                continue
+            cells = fused.get((op, layout.name, "x".join(map(str, layout.small))))
+            assert cells is not None, f"no fused row for {op} {layout.name}:\n{table}"
+            figures = [float(cells[name]) for name in (
+                "fused ms", "GB/s", "fused × copy", "unfused × copy", "plain BN × copy",
+                "fused ÷ plain", "fused ÷ unfused")]
+            assert min(figures) > 0, cells
+            assert float(cells["fused ÷ plain"]) == pytest.approx(
+                float(cells["fused × copy"]) / float(cells["plain BN × copy"]), rel=0.05), cells
 
 
 def _bench_module():
@@ -74,3 +97,74 @@ def test_a_peers_wrong_result_is_flagged_not_failed():
     assert bench._check(result, case, op, "jax") is None
     result.flat[0] += 0.05
     assert "differs from NumPy in float64" in bench._check(result, case, op, "jax")
+
+
+def _fused_module(monkeypatch):
+    """bench/test_bench_fused.py, imported as a module (it imports test_bench from bench/)."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    path = os.path.join(ROOT, "bench", "test_bench_fused.py")
+    spec = importlib.util.spec_from_file_location("bench_fused", path)
+    fused = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fused)
+    return fused
+
+
+@pytest.mark.parametrize("op", ["fwd", "fwd+bwd"])
+def test_fused_check_rejects_a_wrong_result(monkeypatch, op):
+    """The fused group's check: the float64 reference in float32 passes; a wrong y, and a
+    backward that misses the mask or the residual's gradient, fail."""
+    fused = _fused_module(monkeypatch)
+    layout = next(layout for layout in LAYOUTS if layout.name == "NCHW")
+    c = fused.FusedCase(layout, layout.small, np.float32)
+    good = tuple(a.astype(np.float32) for a in c.reference(op))
+    fused._check(good, c, op, "fastbn-fused")
+    wrong = [good[0].copy()]
+    wrong[0].flat[np.argmax(good[0])] += 0.05
+    with pytest.raises(pytest.fail.Exception, match="y differs from NumPy in float64"):
+        fused._check((*wrong, *good[1:]), c, op, "fastbn-fused")
+    if op == "fwd+bwd":
+        dy = c.dy.astype(np.float64)
+        unmasked = (dy,) + tuple(a.astype(np.float32) for a in c.reference(op, plain=True)[1:])
+        masked = c.reference(op)[4]
+        assert (masked == 0).any() and (masked != dy).any()
+        with pytest.raises(pytest.fail.Exception, match="dx differs"):  # the mask ignored
+            fused._check((good[0], *unmasked[1:], good[4]), c, op, "fastbn-fused")
+        with pytest.raises(pytest.fail.Exception, match="dresidual differs"):
+            fused._check((*good[:4], c.dy), c, op, "fastbn-fused")
+        # plain batch norm is checked against its own reference
+        plain = tuple(a.astype(np.float32) for a in c.reference(op, plain=True))
+        fused._check(plain, c, op, "fastbn-plain")
+
+
+def test_fused_check_takes_either_side_of_the_relu_kink(monkeypatch):
+    """Where the ReLU's input is within rounding of 0, a result's mask may differ from the
+    float64 one's: its backward is checked against the reference with its own mask."""
+    fused = _fused_module(monkeypatch)
+    layout = next(layout for layout in LAYOUTS if layout.name == "NCHW")
+    c = fused.FusedCase(layout, layout.small, np.float32)
+    reference = c.reference("fwd+bwd")
+    k = int(np.argmin(np.abs(c.pre) + (c.pre <= 0) * 1e9))  # the smallest positive input
+    c.pre.flat[k] = 1e-7  # as if it had been within rounding of 0
+    y = reference[0].astype(np.float32)
+    y.flat[k] = 0  # this result's ReLU put it on the other side
+    ours = tuple(a.astype(np.float32) for a in c.reference("fwd+bwd", mask=y > 0))
+    fused._check((y, *ours[1:]), c, "fwd+bwd", "fastbn-fused")
+    c.pre.flat[k] = 0.5  # far from the kink: the same result is wrong
+    with pytest.raises(pytest.fail.Exception, match="differs from NumPy in float64"):
+        fused._check((y, *ours[1:]), c, "fwd+bwd", "fastbn-fused")
+
+
+@pytest.mark.parametrize("layout", [lay for lay in LAYOUTS if lay.name in ("NCHW", "NHWC")],
+                         ids=lambda layout: layout.name)
+def test_fused_reference_remasked_is_the_reference_with_that_mask(monkeypatch, layout):
+    """The check's shortcut for a result whose mask differs at a few elements gives the
+    reference computed again with that mask."""
+    fused = _fused_module(monkeypatch)
+    c = fused.FusedCase(layout, layout.small, np.float32)
+    expected = c.reference("fwd+bwd")
+    mask = expected[0] > 0
+    flat = mask.reshape(-1)
+    flat[[0, 5, flat.size // 2, flat.size - 1]] ^= True  # some channels twice, some once
+    for fast, full in zip(c.remasked(expected, mask), c.reference("fwd+bwd", mask=mask)):
+        np.testing.assert_allclose(fast, full, rtol=1e-12, atol=1e-12)
+    assert not np.allclose(c.remasked(expected, mask)[1], expected[1])

@@ -1,9 +1,12 @@
-"""examples/paper_experiment.py: batch norm trains faster, and folding it changes no output."""
+"""examples/paper_experiment.py: batch norm trains faster, and folding it changes no output; with
+--relu, BN fused with its ReLU trains too. examples/residual_net.py: BN fused with the residual add
+and the ReLU trains, as the same steps unfused do, with the same losses."""
 import importlib.util
 import os
 
 import numpy as np
 import pytest
+from _util import run_python
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,3 +67,131 @@ def test_numpy_layer_trains_the_network_too(experiment):
                                layer=experiment.NumpyBatchNorm)
     assert experiment.steps_to_reach(history, 0.9) is not None, history["accuracy"]
     assert history["steps_per_second"] > 0
+
+
+# -- --relu: the same networks with ReLUs, BN fused with its ReLU (fastbn.BatchNorm(activation=))
+
+
+@pytest.fixture(scope="module")
+def relu_run(experiment):
+    return experiment.train(True, 0.5, 300, experiment.load_digits_split(), seed=1, every=25,
+                            activation="relu")
+
+
+def test_fused_relu_network_trains(experiment, relu_run):
+    import fastbn
+    assert all(isinstance(bn, fastbn.BatchNorm) for bn in relu_run["network"].norms)
+    reached = experiment.steps_to_reach(relu_run, 0.9)
+    assert reached is not None and reached <= 200, relu_run["accuracy"]
+    assert relu_run["steps_per_second"] > 0
+
+
+def test_fused_relu_network_folds(experiment, relu_run):
+    """Folding each BN into the Linear before it leaves relu(BN(z)) as relu(z W' + b')."""
+    net = relu_run["network"]
+    x_test = experiment.load_digits_split()[2]
+    net.train(False)
+    expected = net.forward(x_test)
+    folded = net.folded()
+    assert folded.activation == "relu" and not folded.norms
+    np.testing.assert_allclose(folded.forward(x_test), expected, rtol=1e-4, atol=1e-4)
+    net.train(True)
+
+
+def test_relu_network_backward_matches_finite_differences(experiment):
+    """The ReLU network's hand-written backward, with and without the fused BN+ReLU layers:
+    a directional derivative of the loss, in float64 arithmetic on float32 parameters."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((16, 5)).astype(np.float32)
+    labels = rng.integers(0, 3, 16)
+    for batch_norm in (False, True):
+        net = experiment.Network((5, 7, 6, 3), batch_norm, np.random.default_rng(4),
+                                 activation="relu")
+        for w in net.weights:
+            w *= 10  # units of order 1 with or without BN: few inputs near the ReLUs' kinks
+
+        def loss(net=net):
+            scores = net.forward(x).astype(np.float64)
+            shifted = scores - scores.max(axis=1, keepdims=True)
+            return float(np.mean(np.log(np.exp(shifted).sum(axis=1))
+                                 - shifted[np.arange(16), labels]))
+
+        grads = net.backward(experiment.cross_entropy_gradient(net.forward(x), labels))
+        grads = [(param, grad.copy()) for param, grad in grads]
+        directions = [rng.standard_normal(param.shape).astype(np.float32) for param, _ in grads]
+        predicted = sum(float((grad * d).sum()) for (_, grad), d in zip(grads, directions))
+        h = 1e-3
+        for (param, _), d in zip(grads, directions):
+            param += h * d
+        plus = loss()
+        for (param, _), d in zip(grads, directions):
+            param -= 2 * h * d
+        minus = loss()
+        for (param, _), d in zip(grads, directions):
+            param += h * d
+        assert (plus - minus) / (2 * h) == pytest.approx(predicted, rel=0.05, abs=1e-3), \
+            f"batch_norm={batch_norm}"
+
+
+# -- examples/residual_net.py: BN + residual add + ReLU, fused and unfused ---------------------
+
+
+@pytest.fixture(scope="module")
+def residual():
+    spec = importlib.util.spec_from_file_location(
+        "residual_net", os.path.join(ROOT, "examples", "residual_net.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def residual_runs(residual):
+    data = residual.load_digits_split()
+    return {layer: residual.train(layer, data, 300, seed=2) for layer in residual.LAYERS}
+
+
+def test_residual_net_trains_fused_and_unfused(residual_runs):
+    for layer, run in residual_runs.items():
+        assert run["accuracy"] >= 0.85, (layer, run["accuracy"])  # chance: 0.1
+        assert run["losses"][-50:].mean() < 0.5 * run["losses"][:10].mean(), layer
+
+
+def test_residual_net_fused_and_unfused_losses_agree(residual_runs):
+    """The same function, weights and batches: the losses agree step for step (float32)."""
+    fused, unfused = residual_runs["fused"]["losses"], residual_runs["unfused"]["losses"]
+    np.testing.assert_allclose(fused[:30], unfused[:30], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_residual", [False, True], ids=["no_residual", "residual"])
+def test_unfused_layer_of_the_example_matches_the_fused_layer(residual, rng, with_residual):
+    """The unfused steps compute what fastbn's fused layer computes, forward and backward."""
+    fused, unfused = residual.fused_layer(6), residual.UnfusedBatchNormAddReLU(6)
+    for step in range(2):
+        x = (rng.standard_normal((40, 6)) * 2 + step).astype(np.float32)
+        r = rng.standard_normal((40, 6)).astype(np.float32) if with_residual else None
+        dy = rng.standard_normal((40, 6)).astype(np.float32)
+        y = fused(x, residual=r)
+        np.testing.assert_allclose(y, unfused(x, residual=r), rtol=1e-5, atol=1e-5)
+        assert (y >= 0).all() and (y == 0).any()
+        got, expected = fused.backward(dy), unfused.backward(dy)
+        if with_residual:
+            assert isinstance(got, tuple) and len(got) == 2
+            np.testing.assert_allclose(got[1], expected[1], rtol=1e-6, atol=1e-6)  # dresidual
+            got, expected = got[0], expected[0]
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+        for name in ("gamma", "beta"):
+            np.testing.assert_allclose(fused.grads()[name], unfused.grads()[name], rtol=1e-4,
+                                       atol=1e-5)
+
+
+def test_residual_net_script_runs():
+    """The script's command line, with few steps: its table and the fused/unfused comparison."""
+    out = run_python("examples/residual_net.py", "--steps", "200", timeout=300).stdout
+    rows = {line.split()[0]: line.split() for line in out.splitlines()
+            if line.split() and line.split()[0] in ("fused", "unfused")}
+    assert set(rows) == {"fused", "unfused"}, out
+    for cells in rows.values():
+        first, last, acc, speed = map(float, cells[1:5])
+        assert last < first and acc > 0.5 and speed > 0, out
+    assert "largest difference of the training loss" in out, out
