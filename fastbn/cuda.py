@@ -15,16 +15,22 @@ where arrays go      ``view(x, axis)``, ``operands(view, *arrays)``,        view
                      ``output(view, out, like)``, ``to_host(a)``,           vectors
                      ``per_channel(values, C, fill=None, copy=False)``
 statistics           ``moments(x3)``                                        ``(s, δ, M2)``
-training forward map ``forward_map(x3, y3, s, δ, M2, γ, β, eps)``           ``(μ, σ², invstd)``
-map with statistics  ``normalize_with(x3, y3, μ, σ², γ, β, eps)``           ``invstd``
-(eval, normalize)
-gradient sums        ``gradient_sums(dy3, x3, μ)``                          ``(Σdy, Σdy·(x−μ))``
-backward map         ``backward_map(dy3, x3, dx3, μ, invstd, γ, Σdy,        –
-                     Σdy·(x−μ), count, training)``
+training forward map ``forward_map(x3, y3, s, δ, M2, γ, β, eps,             ``(μ, σ², invstd)``
+                     residual3=None, relu=False)``
+map with statistics  ``normalize_with(x3, y3, μ, σ², γ, β, eps,             ``invstd``
+(eval, normalize)    residual3=None, relu=False)``
+gradient sums        ``gradient_sums(dy3, x3, μ, y3=None)``                 ``(Σg, Σg·(x−μ))``
+backward map         ``backward_map(dy3, x3, dx3, μ, invstd, γ, Σg,         –
+                     Σg·(x−μ), count, training, y3=None, dresidual3=None)``
 parameter gradients  ``parameter_gradients(Σdy, Σdy·(x−μ), invstd, dtype)`` ``(dγ, dβ)``
 running statistics   ``update_running(running_mean, running_var, μ, σ²,     –
                      momentum, unbias)``
 ==================== ====================================================== =================
+
+The maps fuse a residual add and a ReLU (docs/design.md §1): ``y = relu(BN(x) + residual)`` in
+float64 before the one rounding; backward's ``g`` is dy, or, given the ReLU's output ``y3``, dy
+where ``y3 > 0`` and 0 elsewhere, and ``backward_map`` writes it into ``dresidual3`` if given
+(which may be ``dy3`` itself). Without them, the plain kernels run, with the same bits as ever.
 
 Here the steps are the methods of :class:`Steps`, one object per call (``for_call``), which holds
 the call's stream, its GPU and its scratch memory; the module-level functions of the same names
@@ -244,42 +250,92 @@ def _kernels(threads, columns, tile):
         if ty == 0 and c < channels:
             counts[g, c], means[g, c], m2s[g, c] = n, mean, m2
 
-    @cuda.jit
-    def planar_grad_sums(dy, x, mean, chunk, sums_dy, sums_dy_xmu):
-        c, j, t, k, stop, o, i, runs, rest = planar_place(x, chunk)
-        inner = x.shape[2]
-        m = mean[c]
-        a = b = 0.0
-        while k < stop:
-            g = float64(dy[o, c, i])
-            a += g
-            b += g * (float64(x[o, c, i]) - m)
-            k, o, i = planar_next(k, o, i, inner, runs, rest)
-        sa = cuda.shared.array(threads, float64)
-        sb = cuda.shared.array(threads, float64)
+    def grad_sums(masked):
+        """A thread's ``(Σg, Σg·(x − mean))`` over its values of a planar chunk and of a rows
+        segment, with ``g = dy``, or (``masked``) dy where the ReLU's output ``y > 0`` and 0
+        elsewhere (also where dy is NaN, as PyTorch's threshold_backward)."""
+
+        @cuda.jit(device=True)
+        def planar(dy, x, y, mean, chunk):
+            c, j, t, k, stop, o, i, runs, rest = planar_place(x, chunk)
+            inner = x.shape[2]
+            m = mean[c]
+            a = b = 0.0
+            while k < stop:
+                g = float64(dy[o, c, i])
+                if masked:
+                    g = g if y[o, c, i] > 0.0 else 0.0
+                a += g
+                b += g * (float64(x[o, c, i]) - m)
+                k, o, i = planar_next(k, o, i, inner, runs, rest)
+            return c, j, t, a, b
+
+        @cuda.jit(device=True)
+        def rows(dy, x, y, mean, segment):
+            _, ty, t, c, g, r, stop = rows_place(x, segment)
+            a = b = 0.0
+            if c < x.shape[1]:
+                m = mean[c]
+                while r < stop:
+                    v = float64(dy[r, c])
+                    if masked:
+                        v = v if y[r, c] > 0.0 else 0.0
+                    a += v
+                    b += v * (float64(x[r, c]) - m)
+                    r += lanes
+            return ty, t, c, g, a, b
+
+        return planar, rows
+
+    planar_sums, rows_sums = grad_sums(False)
+    planar_masked_sums, rows_masked_sums = grad_sums(True)
+
+    @cuda.jit(device=True)
+    def planar_total(c, j, t, a, b, sums_dy, sums_dy_xmu, sa, sb):
+        """The block's sums of a planar chunk, written by its thread 0."""
         a, b = add_sums(a, b, sa, sb, t, 1)
         if t == 0:
             sums_dy[j, c], sums_dy_xmu[j, c] = a, b
 
-    @cuda.jit
-    def rows_grad_sums(dy, x, mean, segment, sums_dy, sums_dy_xmu):
-        tx, ty, t, c, g, r, stop = rows_place(x, segment)
-        channels = x.shape[1]
-        a = b = 0.0
-        if c < channels:
-            m = mean[c]
-            while r < stop:
-                v = float64(dy[r, c])
-                a += v
-                b += v * (float64(x[r, c]) - m)
-                r += lanes
-        sa = cuda.shared.array(threads, float64)
-        sb = cuda.shared.array(threads, float64)
+    @cuda.jit(device=True)
+    def rows_total(ty, t, c, g, a, b, channels, sums_dy, sums_dy_xmu, sa, sb):
+        """The block's sums of a rows segment, per column, written by its lanes 0."""
         a, b = add_sums(a, b, sa, sb, t, columns)
         if ty == 0 and c < channels:
             sums_dy[g, c], sums_dy_xmu[g, c] = a, b
 
-    return planar_moments, rows_moments, planar_grad_sums, rows_grad_sums
+    # The plain kernels read dy where the masked ones read y (a name the plain bodies ignore),
+    # so that they keep their arguments: the ReLU costs the plain backward nothing.
+    @cuda.jit
+    def planar_grad_sums(dy, x, mean, chunk, sums_dy, sums_dy_xmu):
+        sa = cuda.shared.array(threads, float64)
+        sb = cuda.shared.array(threads, float64)
+        c, j, t, a, b = planar_sums(dy, x, dy, mean, chunk)
+        planar_total(c, j, t, a, b, sums_dy, sums_dy_xmu, sa, sb)
+
+    @cuda.jit
+    def rows_grad_sums(dy, x, mean, segment, sums_dy, sums_dy_xmu):
+        sa = cuda.shared.array(threads, float64)
+        sb = cuda.shared.array(threads, float64)
+        ty, t, c, g, a, b = rows_sums(dy, x, dy, mean, segment)
+        rows_total(ty, t, c, g, a, b, x.shape[1], sums_dy, sums_dy_xmu, sa, sb)
+
+    @cuda.jit
+    def planar_masked_grad_sums(dy, x, y, mean, chunk, sums_dy, sums_dy_xmu):
+        sa = cuda.shared.array(threads, float64)
+        sb = cuda.shared.array(threads, float64)
+        c, j, t, a, b = planar_masked_sums(dy, x, y, mean, chunk)
+        planar_total(c, j, t, a, b, sums_dy, sums_dy_xmu, sa, sb)
+
+    @cuda.jit
+    def rows_masked_grad_sums(dy, x, y, mean, segment, sums_dy, sums_dy_xmu):
+        sa = cuda.shared.array(threads, float64)
+        sb = cuda.shared.array(threads, float64)
+        ty, t, c, g, a, b = rows_masked_sums(dy, x, y, mean, segment)
+        rows_total(ty, t, c, g, a, b, x.shape[1], sums_dy, sums_dy_xmu, sa, sb)
+
+    return (planar_moments, rows_moments, planar_grad_sums, rows_grad_sums,
+            planar_masked_grad_sums, rows_masked_grad_sums)
 
 
 # -- per-channel kernels: one thread per channel ------------------------------------------------
@@ -369,9 +425,16 @@ def _cast(source, target):
 # narrower than a block gets ``per_row`` threads, and the block covers several rows at once.
 
 
-def _row_map(value):
+def _row_map(value, fused=False):
     """A kernel ``(out, a, b, channels, planar, centre, p, q, r, per_row)`` that writes
-    ``out = value(a, b, ...)`` over the view read as rows: a grid-stride loop along and down."""
+    ``out = value(a, b, row, w, c, centre, p, q, r)`` over the view read as rows: a grid-stride
+    loop along and down.
+
+    ``fused``: a kernel ``(out, out2, a, b, e, channels, ...)``, the same loop, that calls
+    ``value(out, out2, a, b, e, row, w, c, ...)``, which stores its results itself: a fused map
+    reads a third array ``e`` and may write a second one ``out2``. A kernel of its own, so that
+    the plain maps keep their code and their arguments (each array costs every launch host time).
+    """
 
     @cuda.jit
     def kernel(out, a, b, channels, planar, centre, p, q, r, per_row):
@@ -393,7 +456,27 @@ def _row_map(value):
                     w += step
                 row += row_step
 
-    return kernel
+    @cuda.jit
+    def fused_kernel(out, out2, a, b, e, channels, planar, centre, p, q, r, per_row):
+        rows, width = out.shape
+        band = cuda.blockDim.x // per_row
+        t = cuda.threadIdx.x
+        lane_row = t // per_row
+        if lane_row < band:
+            first = int64(cuda.blockIdx.x) * per_row + (t - lane_row * per_row)
+            step = int64(cuda.gridDim.x) * per_row
+            row = int64(cuda.blockIdx.y) * band + lane_row
+            row_step = int64(cuda.gridDim.y) * band
+            while row < rows:
+                row_channel = row % channels
+                w = first
+                while w < width:
+                    c = row_channel if planar else w
+                    value(out, out2, a, b, e, row, w, c, centre, p, q, r)
+                    w += step
+                row += row_step
+
+    return fused_kernel if fused else kernel
 
 
 @cuda.jit(device=True)
@@ -410,6 +493,52 @@ def _gradient(a, b, row, w, c, centre, p, q, r):
 
 _affine = _row_map(_scaled)
 _grad_map = _row_map(_gradient)
+
+
+# The fused maps (docs/design.md §1, "Fused activation and residual"): a kernel per combination,
+# built on first use, whose flags are constants of the compiled code. Each computes the plain map's
+# expression, so that its bits are the plain map's up to the fused part.
+
+
+@functools.cache
+def _fused_forward(residual, relu):
+    """The forward map ``_scaled``, then ``+ e`` (``residual``: e is the residual), then ReLU
+    (``relu``: 0.0 where the value is < 0, so NaN passes, as in PyTorch); one rounding, in the
+    store. ``out2`` unused."""
+
+    @cuda.jit(device=True)
+    def store(out, out2, a, b, e, row, w, c, centre, p, q, r):
+        v = _scaled(a, b, row, w, c, centre, p, q, r)
+        if residual:
+            v = v + float64(e[row, w])
+        if relu:
+            v = 0.0 if v < 0.0 else v  # noqa: FURB136 - max would drop NaN (fmax)
+        out[row, w] = v
+
+    return _row_map(store, fused=True)
+
+
+@functools.cache
+def _fused_backward(training, mask, second):
+    """Backward's map of ``g``: dy (``a``), or (``mask``) dy where the ReLU's output ``e > 0`` and
+    0 elsewhere (also where dy is NaN, as PyTorch's threshold_backward). ``training``:
+    ``_gradient``'s ``p·g + q·(b − centre) + r`` (b = x), else eval's ``_scaled``,
+    ``q·(g − centre) + r``; ``second``: g also into ``out2`` (dresidual, which may be dy itself:
+    each value is read before it is written)."""
+
+    @cuda.jit(device=True)
+    def store(out, out2, a, b, e, row, w, c, centre, p, q, r):
+        g = float64(a[row, w])
+        if mask:
+            g = g if e[row, w] > 0.0 else 0.0
+        if training:
+            out[row, w] = p[c] * g + q[c] * (float64(b[row, w]) - centre[c]) + r[c]
+        else:
+            out[row, w] = q[c] * (g - centre[c]) + r[c]
+        if second:
+            out2[row, w] = g
+
+    return _row_map(store, fused=True)
 
 
 def _as_rows(a3):
@@ -819,6 +948,8 @@ class _Output:
             result = steps.bound(self._device) if self._out is None else self._out
             return (result, *map(steps.bound, per_channel))
         host = steps.to_host(self._device, *per_channel)
+        if not per_channel:  # to_host gives a lone array as it is (dresidual's output)
+            host = [host]
         if self._out is not None:
             self._out[...] = host[0]
             host[0] = self._out
@@ -973,68 +1104,84 @@ class Steps:
         self._launch(_merge_moments, *_grid(channels), *parts, delta, m2)
         return shift, delta, m2
 
-    def _affine_map(self, x3, y3, shift, scale, bias):
-        """``y = scale·(x − shift) + bias`` per channel, written into ``y3``."""
+    def _affine_map(self, x3, y3, shift, scale, bias, residual3=None, relu=False):
+        """``y = scale·(x − shift) + bias`` per channel, written into ``y3``; fused, in float64
+        before the one rounding: ``+ residual3`` if given, then ReLU if ``relu``."""
         if x3.size == 0:
             return
         x, planar = _as_rows(x3)
         grid, block, per_row = _map_launch(x)
-        self._launch(_affine, grid, block, _as_rows(y3)[0], x, x, x3.shape[1], planar, shift,
-                     scale, scale, bias, per_row)
+        y = _as_rows(y3)[0]
+        if residual3 is None and not relu:
+            self._launch(_affine, grid, block, y, x, x, x3.shape[1], planar, shift, scale, scale,
+                         bias, per_row)
+            return
+        residual = x if residual3 is None else _as_rows(residual3)[0]  # x: a stand-in, unread
+        self._launch(_fused_forward(residual3 is not None, bool(relu)), grid, block, y, y, x, x,
+                     residual, x3.shape[1], planar, shift, scale, scale, bias, per_row)
 
     @_on_its_gpu
-    def forward_map(self, x3, y3, shift, delta, m2, gamma, beta, eps):
-        """Training forward's map from ``moments(x3)``, centred about the shift as on the CPU;
-        returns the device ``(mean, biased var, invstd)``."""
+    def forward_map(self, x3, y3, shift, delta, m2, gamma, beta, eps, residual3=None,
+                    relu=False):
+        """Training forward's map from ``moments(x3)``, centred about the shift as on the CPU,
+        fused with ``+ residual3`` and a ReLU if asked; returns the device
+        ``(mean, biased var, invstd)``."""
         outer, channels, inner = x3.shape
         mean, var, invstd, scale, bias = self._vectors(5, channels)
         self._launch(_forward_maps, *_grid(channels), shift, delta, m2, float(outer * inner),
                      gamma, beta, eps, mean, var, invstd, scale, bias)
-        self._affine_map(x3, y3, shift, scale, bias)
+        self._affine_map(x3, y3, shift, scale, bias, residual3, relu)
         return mean, var, invstd
 
     @_on_its_gpu
-    def normalize_with(self, x3, y3, mean, var, gamma, beta, eps):
-        """The map with given statistics (eval, ``fastbn.normalize``); returns device
-        ``invstd``."""
+    def normalize_with(self, x3, y3, mean, var, gamma, beta, eps, residual3=None, relu=False):
+        """The map with given statistics (eval, ``fastbn.normalize``), fused as
+        ``forward_map``'s; returns device ``invstd``."""
         channels = x3.shape[1]
         same_mean, same_var, invstd, scale, bias = self._vectors(5, channels)
         self._launch(_forward_maps, *_grid(channels), mean, _constant(0.0, channels), var, 1.0,
                      gamma, beta, eps, same_mean, same_var, invstd, scale, bias)
-        self._affine_map(x3, y3, mean, scale, bias)
+        self._affine_map(x3, y3, mean, scale, bias, residual3, relu)
         return invstd
 
     @_on_its_gpu
-    def gradient_sums(self, dy3, x3, mean):
-        """Device ``(Σdy, Σdy·(x − mean))`` per channel, float64, in one pass over dy and x."""
+    def gradient_sums(self, dy3, x3, mean, y3=None):
+        """Device ``(Σg, Σg·(x − mean))`` per channel, float64, in one pass over dy and x, where
+        ``g`` is dy, or, given the ReLU's output ``y3``, dy where ``y3 > 0`` and 0 elsewhere."""
         outer, channels, _ = x3.shape
         if x3.size == 0:
             zeros = _constant(0.0, channels)
             return zeros, zeros
         kernels, planar, piece, pieces, grid, block = _reduce_launch(x3)
         parts = self._parts(2, pieces, channels)
-        if planar:
-            self._launch(kernels[2], grid, block, dy3, x3, mean, piece, *parts)
-        else:
-            flat = (outer, channels)
-            self._launch(kernels[3], grid, block, dy3.reshape(flat), x3.reshape(flat), mean,
-                         piece, *parts)
+        arrays = (dy3, x3) if y3 is None else (dy3, x3, y3)  # the masked kernels read y too
+        kernel = kernels[(2 if planar else 3) + (0 if y3 is None else 2)]
+        if not planar:
+            arrays = [a.reshape(outer, channels) for a in arrays]
+        self._launch(kernel, grid, block, *arrays, mean, piece, *parts)
         totals = self._vectors(2, channels)
         self._launch(_add_partials, *_grid(channels), *parts, *totals)
         return tuple(totals)
 
     @_on_its_gpu
     def backward_map(self, dy3, x3, dx3, mean, invstd, gamma, sum_dy, sum_dy_xmu, count,
-                     training):
+                     training, y3=None, dresidual3=None):
         """``dx`` into ``dx3`` from the device sums over the batch of ``count`` values per channel
-        that the statistics came from (x's own, or a larger batch that x is part of)."""
+        that the statistics came from (x's own, or a larger batch that x is part of).
+
+        With the ReLU's output ``y3``, dy is masked by ``y3 > 0`` first (as in ``gradient_sums``);
+        the gradient so masked (dy, without ``y3``) goes into ``dresidual3`` too if given, which
+        may be ``dy3`` itself.
+        """
         channels = x3.shape[1]
         if x3.size == 0:
             return
         p, q, r = self._vectors(3, channels)
         self._launch(_backward_maps, *_grid(channels), sum_dy, sum_dy_xmu, float(count), gamma,
                      invstd, p, q, r)
-        if training:
+        if y3 is not None or dresidual3 is not None:
+            self._fused_backward_map(dy3, x3, dx3, mean, p, q, r, training, y3, dresidual3)
+        elif training:
             x, planar = _as_rows(x3)
             grid, block, per_row = _map_launch(x)
             self._launch(_grad_map, grid, block, _as_rows(dx3)[0], _as_rows(dy3)[0], x, channels,
@@ -1042,6 +1189,21 @@ class Steps:
         else:
             zeros = _constant(0.0, channels)
             self._affine_map(dy3, dx3, zeros, p, zeros)
+
+    def _fused_backward_map(self, dy3, x3, dx3, mean, p, q, r, training, y3, dresidual3):
+        """``backward_map``'s map fused with the ReLU's mask and the dresidual output."""
+        dy, planar = _as_rows(dy3)
+        grid, block, per_row = _map_launch(dy)
+        dx = _as_rows(dx3)[0]
+        if not training:  # eval's map is _scaled's, p·(g − 0) + 0, as in the plain backward
+            zeros = _constant(0.0, x3.shape[1])
+            mean, q, r = zeros, p, zeros
+        # Stand-ins for the arrays not asked for, which the kernel built without them never reads.
+        mask = dy if y3 is None else _as_rows(y3)[0]
+        dresidual = dx if dresidual3 is None else _as_rows(dresidual3)[0]
+        self._launch(_fused_backward(bool(training), y3 is not None, dresidual3 is not None),
+                     grid, block, dx, dresidual, dy, _as_rows(x3)[0], mask, x3.shape[1], planar,
+                     mean, p, q, r, per_row)
 
     @_on_its_gpu
     def parameter_gradients(self, sum_dy, sum_dy_xmu, invstd, dtype):

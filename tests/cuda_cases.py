@@ -17,7 +17,7 @@ import fastbn.cuda
 from fastbn.cases import LAYOUTS, OPS, host, on_device
 
 import reference
-from _util import (GPU_SMALL_BLOCKS, assert_close, each_dtype, each_layout, make_case,
+from _util import (GPU_SMALL_BLOCKS, assert_close, each_dtype, each_layout, each_mode, make_case,
                    shrink_blocks, tol_for)
 
 
@@ -264,3 +264,328 @@ def test_python_m_fastbn_checks_and_times_the_gpu(monkeypatch, capsys):
     for op in OPS:
         assert f"| NCHW | {shape} | {op.name} |" in out, out
     assert "n/a on the GPU" in out, out
+
+
+# -- the fused residual add and ReLU (docs/design.md §1): the steps, and the public API ----------
+#
+# The reference is tests/reference.py's plain BN in float64, then ``+ residual`` and
+# ``max(·, 0)``; backward masks dy with the forward's y > 0 and runs the plain reference
+# backward on it, whose masked dy is dresidual's. Small shapes: a planar view (several chunks of
+# a channel at GPU_SMALL_BLOCKS), channels-last and N×D (several segments and column blocks).
+
+PLANAR, CHANNELS_LAST, NXD = ((4, 3, 10), 1), ((3, 4, 5, 4), -1), ((30, 5), 1)
+# The simulator is slow: each layout and dtype at least once, not every pair.
+FUSED_CASES = {"planar-f32": (*PLANAR, np.float32), "planar-f64": (*PLANAR, np.float64),
+               "channels-last-f32": (*CHANNELS_LAST, np.float32),
+               "NxD-f64": (*NXD, np.float64)}
+each_fused_case = pytest.mark.parametrize("shape, axis, dtype", list(FUSED_CASES.values()),
+                                          ids=list(FUSED_CASES))
+some_fused_cases = pytest.mark.parametrize(
+    "shape, axis, dtype", [(*PLANAR, np.float32), (*CHANNELS_LAST, np.float64)],
+    ids=["planar-f32", "channels-last-f64"])
+# (residual, relu, dresidual): dresidual None, "new" (an array of its own) or "dy" (dy itself)
+FUSIONS = {"residual": (True, False, "new"), "relu": (False, True, None),
+           "both": (True, True, "new"), "both, dresidual is dy": (True, True, "dy")}
+each_fusion = pytest.mark.parametrize("fusion", list(FUSIONS.values()), ids=list(FUSIONS))
+EPS = 1e-5
+
+
+def fused_case(rng, shape, axis, dtype):
+    """x, dy, gamma, beta, running_mean, running_var, residual: about half of each channel's
+    pre-activations below zero, so that the ReLU and its mask cut."""
+    x, dy, gamma, beta, rm, rv = make_case(rng, shape, axis, dtype)
+    residual = rng.uniform(-1.5, 1.5, shape).astype(dtype)
+    return x, dy, gamma, beta, rm, rv, residual
+
+
+def reference_fused_forward(x, gamma, beta, axis, training, rm, rv, residual, relu):
+    y, mean, invstd, _, _ = reference.forward(x, gamma, beta, axis, training, rm, rv)
+    if residual is not None:
+        y = y + residual.astype(np.float64)
+    return (np.maximum(y, 0.0) if relu else y), mean, invstd
+
+
+def reference_fused_backward(dy, x, mean, invstd, gamma, axis, training, y):
+    """``(dx, dgamma, dbeta, dresidual)``: the plain reference backward of dy masked by y > 0
+    (dy itself without y)."""
+    g = dy.astype(np.float64) if y is None else np.where(y > 0, dy.astype(np.float64), 0.0)
+    return (*reference.backward(g, x, mean, invstd, gamma, axis, training), g)
+
+
+class StepsCall:
+    """One call's fastbn.cuda.Steps on host arrays laid out like ``x``: device copies viewed
+    ``(outer, C, inner)``, as the API layer makes them."""
+
+    def __init__(self, x, axis):
+        self.steps = fastbn.cuda.Steps()
+        self.view = self.steps.view(x, axis % x.ndim)
+        self.channels = x.shape[axis]
+        self.shape, self.dtype = x.shape, x.dtype
+
+    def operands(self, *arrays):
+        """Device ``(outer, C, inner)`` copies (None stays None)."""
+        return [None if a is None else self.steps.operands(self.view, a)[0] for a in arrays]
+
+    def empty(self):
+        return cuda.device_array(self.shape, self.dtype).reshape(self.view.shape)
+
+    def vector(self, values, fill=None):
+        return self.steps.per_channel(values, self.channels, fill)
+
+    def forward(self, x3, gamma, beta, training, rm, rv, **fused):
+        """``(y3, mean, invstd)`` of the training or eval forward; ``fused``: the steps'
+        residual3 and relu."""
+        steps, y3 = self.steps, self.empty()
+        g, b = self.vector(gamma, 1.0), self.vector(beta, 0.0)
+        if training:
+            shift, delta, m2 = steps.moments(x3)
+            mean, _, invstd = steps.forward_map(x3, y3, shift, delta, m2, g, b, EPS, **fused)
+        else:
+            mean = self.vector(rm)
+            invstd = steps.normalize_with(x3, y3, mean, self.vector(rv), g, b, EPS, **fused)
+        return y3, mean, invstd
+
+    def backward(self, dy3, x3, mean, invstd, gamma, training, y3=None, dresidual3=None):
+        """``(dx3, sum_dy, sum_dy_xmu, dgamma, dbeta)`` on the device; the masked steps with
+        ``y3``, dresidual written into ``dresidual3`` if given."""
+        steps, dx3 = self.steps, self.empty()
+        mean, invstd = self.vector(mean), self.vector(invstd)
+        sums = steps.gradient_sums(dy3, x3, mean, **({} if y3 is None else {"y3": y3}))
+        extra = {name: a for name, a in (("y3", y3), ("dresidual3", dresidual3)) if a is not None}
+        count = x3.shape[0] * x3.shape[2]
+        steps.backward_map(dy3, x3, dx3, mean, invstd, self.vector(gamma, 1.0), *sums, count,
+                           training, **extra)
+        return (dx3, *sums, *steps.parameter_gradients(*sums, invstd, np.float64))
+
+    def host(self, a3):
+        """A device ``(outer, C, inner)`` result as a host array of x's shape."""
+        return host(a3).reshape(self.shape)
+
+
+@each_fusion
+@each_mode
+@each_fused_case
+def test_fused_steps_match_the_reference(shape, axis, dtype, training, fusion, rng):
+    """forward_map / normalize_with with residual3 and relu, gradient_sums and backward_map with
+    the ReLU's y3 and dresidual3 (a new array or dy3 itself), against the float64 reference."""
+    with_residual, relu, dresidual = fusion
+    x, dy, gamma, beta, rm, rv, residual = fused_case(rng, shape, axis, dtype)
+    residual = residual if with_residual else None
+    tol = tol_for(dtype)
+    call = StepsCall(x, axis)
+    x3, dy3, residual3 = call.operands(x, dy, residual)
+    y3, mean, invstd = call.forward(x3, gamma, beta, training, rm, rv, residual3=residual3,
+                                    relu=relu)
+    y = call.host(y3)
+    ry, rmean, rinvstd = reference_fused_forward(x, gamma, beta, axis, training, rm, rv, residual,
+                                                 relu)
+    assert_close(y, ry, tol, "y")
+    assert_close(host(mean), rmean, tol, "mean")
+    assert_close(host(invstd), rinvstd, tol, "invstd")
+    if relu:
+        assert (y < 0).sum() == 0 and 0 < (y == 0).sum() < y.size, "the ReLU cuts some, not all"
+
+    dresidual3 = {"new": call.empty(), "dy": dy3, None: None}[dresidual]
+    dx3, sum_dy, _, dgamma, dbeta = call.backward(
+        dy3, x3, mean, invstd, gamma, training, y3=y3 if relu else None, dresidual3=dresidual3)
+    rdx, rdgamma, rdbeta, rdresidual = reference_fused_backward(
+        dy, x, host(mean), host(invstd), gamma, axis, training, y if relu else None)
+    assert_close(call.host(dx3), rdx, tol, "dx")
+    assert_close(host(dgamma), rdgamma, tol, "dgamma")
+    assert_close(host(dbeta), rdbeta, tol, "dbeta")
+    assert_close(host(sum_dy), rdbeta, tol, "the sums: Σg")
+    if dresidual is not None:
+        got = call.host(dresidual3)
+        assert got.dtype == dy.dtype
+        assert got.tobytes() == rdresidual.astype(dtype).tobytes(), "dresidual: dy, masked"
+    if dresidual != "dy":
+        assert call.host(dy3).tobytes() == dy.tobytes(), "dy is read, never written"
+    assert call.host(y3).tobytes() == y.tobytes(), "y is read, never written"
+
+
+def _launched(monkeypatch):
+    """The kernels fastbn.cuda launches from now on, as a list."""
+    kernels, configured = [], fastbn.cuda._launcher
+
+    def launcher(kernel, grid, block, stream):
+        kernels.append(kernel)
+        return configured(kernel, grid, block, stream)
+    monkeypatch.setattr(fastbn.cuda, "_launcher", launcher)
+    return kernels
+
+
+def _name(kernel):
+    """The name of a kernel's Python function (a real dispatcher's or the simulator's)."""
+    return getattr(kernel, "py_func", getattr(kernel, "fn", None)).__name__
+
+
+FUSED_KERNELS = {"fused_kernel", "planar_masked_grad_sums", "rows_masked_grad_sums"}
+
+
+@each_mode
+@some_fused_cases
+def test_steps_without_fusion_run_the_plain_kernels(shape, axis, dtype, training, rng,
+                                                    monkeypatch):
+    """residual3=None, relu=False, y3=None, dresidual3=None spelled out: the plain kernels run,
+    none of the fused ones, with the bits of the calls that leave them out."""
+    x, dy, gamma, beta, rm, rv, _ = fused_case(rng, shape, axis, dtype)
+    launched = _launched(monkeypatch)
+    results = []
+    for fused in ({}, {"residual3": None, "relu": False}):
+        call = StepsCall(x, axis)
+        x3, dy3 = call.operands(x, dy)
+        y3, mean, invstd = call.forward(x3, gamma, beta, training, rm, rv, **fused)
+        dx3, *sums = (call.backward(dy3, x3, host(mean), host(invstd), gamma, training)
+                      if not fused else call.backward(dy3, x3, host(mean), host(invstd), gamma,
+                                                      training, y3=None, dresidual3=None))
+        results.append([call.host(y3).tobytes(), call.host(dx3).tobytes(),
+                        *(host(a).tobytes() for a in (mean, invstd, *sums))])
+    assert results[0] == results[1]
+    ran = [_name(kernel) for kernel in launched]
+    assert not FUSED_KERNELS & set(ran), f"a fused kernel ran: {ran}"
+    planar = call.view.shape[2] > 1
+    assert ran.count("kernel") == 4, ran  # the forward and backward plain maps, twice
+    assert ran.count("planar_grad_sums" if planar else "rows_grad_sums") == 2, ran
+    assert (launched.count(fastbn.cuda._grad_map) == 2) == training
+
+
+@each_mode
+@some_fused_cases
+def test_fused_kernels_keep_the_plain_bits(shape, axis, dtype, training, rng, monkeypatch):
+    """Each fused kernel computes the plain map's expression: the ReLU alone gives the plain y
+    where it is not < 0; a residual of zeros gives plain y + 0; a mask of all ones gives the
+    plain sums and dx bit for bit, with dy itself into dresidual; dresidual alone leaves dx and
+    the sums as they are."""
+    x, dy, gamma, beta, rm, rv, _ = fused_case(rng, shape, axis, dtype)
+    launched = _launched(monkeypatch)
+    call = StepsCall(x, axis)
+    x3, dy3, zeros3, ones3 = call.operands(x, dy, np.zeros_like(x), np.ones_like(x))
+    plain_y3, mean, invstd = call.forward(x3, gamma, beta, training, rm, rv)
+    plain = call.host(plain_y3)
+    relu = call.host(call.forward(x3, gamma, beta, training, rm, rv, relu=True)[0])
+    assert relu.tobytes() == np.where(plain < 0, 0, plain).astype(dtype).tobytes()
+    added = call.host(call.forward(x3, gamma, beta, training, rm, rv, residual3=zeros3)[0])
+    assert added.tobytes() == (plain + dtype(0)).tobytes()
+
+    mean, invstd = host(mean), host(invstd)
+    expected = [host(a).tobytes() for a in call.backward(dy3, x3, mean, invstd, gamma, training)]
+    for fused in ({"y3": ones3}, {"dresidual3": call.empty()}, {"y3": ones3,
+                                                                 "dresidual3": call.empty()}):
+        got = call.backward(dy3, x3, mean, invstd, gamma, training, **fused)
+        assert [host(a).tobytes() for a in got] == expected, sorted(fused)
+        if "dresidual3" in fused:
+            assert call.host(fused["dresidual3"]).tobytes() == dy.tobytes()
+    ran = [_name(kernel) for kernel in launched]
+    assert ran.count("fused_kernel") == 5, ran  # 2 forward maps, 3 backward maps
+    assert ran.count("planar_masked_grad_sums") + ran.count("rows_masked_grad_sums") == 2, ran
+
+
+@each_mode
+def test_fused_nan_passes_the_relu_and_the_mask_drops_it(training, rng):
+    """As PyTorch: NaN passes the ReLU (it is not < 0); a NaN in dy where y <= 0 is dropped by
+    the mask (threshold_backward), so dx and dresidual stay finite there."""
+    shape, axis = (4, 3, 10), 1
+    x, dy, gamma, beta, rm, rv, residual = fused_case(rng, shape, axis, np.float32)
+    residual[0, 1, 2] = np.nan
+    call = StepsCall(x, axis)
+    x3, residual3 = call.operands(x, residual)
+    y3, mean, invstd = call.forward(x3, gamma, beta, training, rm, rv, residual3=residual3,
+                                    relu=True)
+    y = call.host(y3)
+    assert np.isnan(y[0, 1, 2]) and np.isnan(y).sum() == 1
+    y[0, 1, 2] = -1.0  # a y the mask drops, under a NaN dy
+    dy[y <= 0] = np.nan
+    dy3, y3 = call.operands(dy, y)
+    dresidual3 = call.empty()
+    dx3, *_ = call.backward(dy3, x3, host(mean), host(invstd), gamma, training, y3=y3,
+                            dresidual3=dresidual3)
+    dx = call.host(dx3)
+    rdx = reference_fused_backward(dy, x, host(mean), host(invstd), gamma, axis, training, y)[0]
+    assert np.isfinite(dx).all()
+    assert_close(dx, rdx, tol_for(np.float32), "dx")
+    assert (call.host(dresidual3)[y <= 0] == 0).all()
+
+
+@each_fusion
+@pytest.mark.parametrize("shape, axis, training", [(*PLANAR, True), (*CHANNELS_LAST, False)],
+                         ids=["planar-train", "channels-last-eval"])
+def test_fused_api_on_device_arrays(shape, axis, training, fusion, rng):
+    """fastbn.forward(..., residual=, activation="relu") and fastbn.backward(..., y=,
+    dresidual=) on CUDA arrays: results stay on the device, match the reference and the CPU."""
+    with_residual, relu, dresidual = fusion
+    dtype = np.float32
+    x, dy, gamma, beta, rm, rv, residual = fused_case(rng, shape, axis, dtype)
+    residual = residual if with_residual else None
+    activation = "relu" if relu else None
+    tol = tol_for(dtype)
+    xd, dyd, rmd, rvd = on_device(x, dy, rm, rv)
+    rd = None if residual is None else cuda.to_device(residual)
+    y, stats = fastbn.forward(xd, gamma, beta, axis=axis, training=training, running_mean=rmd,
+                              running_var=rvd, residual=rd, activation=activation)
+    assert is_device_array(y)
+    ry, rmean, rinvstd = reference_fused_forward(x, gamma, beta, axis, training, rm, rv,
+                                                 residual, relu)
+    assert_close(host(y), ry, tol, "y")
+    dres = {"new": cuda.device_array_like(dyd), "dy": dyd, None: None}[dresidual]
+    dx, dgamma, dbeta = fastbn.backward(dyd, xd, stats, gamma, axis=axis, training=training,
+                                        activation=activation, y=y if relu else None,
+                                        dresidual=dres)
+    assert is_device_array(dx)
+    rdx, rdgamma, rdbeta, rdres = reference_fused_backward(
+        dy, x, rmean, rinvstd, gamma, axis, training, host(y) if relu else None)
+    assert_close(host(dx), rdx, tol, "dx")
+    assert_close(host(dgamma), rdgamma, tol, "dgamma")
+    assert_close(host(dbeta), rdbeta, tol, "dbeta")
+    if dres is not None:
+        assert host(dres).tobytes() == rdres.astype(dtype).tobytes(), "dresidual"
+
+    cy, cstats = fastbn.forward(x, gamma, beta, axis=axis, training=training,
+                                running_mean=rm.copy(), running_var=rv.copy(),
+                                residual=residual, activation=activation)
+    assert_close(host(y), cy, tol, "y against the CPU")
+    cdx = fastbn.backward(dy, x, cstats, gamma, axis=axis, training=training,
+                          activation=activation, y=cy if relu else None)[0]
+    assert_close(host(dx), cdx, tol, "dx against the CPU")
+
+
+@pytest.mark.parametrize("shape, axis, dtype", [(*PLANAR, np.float64),
+                                               (*CHANNELS_LAST, np.float32)],
+                         ids=["planar-f64", "channels-last-f32"])
+def test_fused_api_device_cuda_with_numpy_arrays(shape, axis, dtype, rng):
+    """device="cuda" with NumPy arrays: NumPy results, dresidual written on the host (also when
+    it is dy itself)."""
+    x, dy, gamma, beta, _, _, residual = fused_case(rng, shape, axis, dtype)
+    tol = tol_for(dtype)
+    y, stats = fastbn.forward(x, gamma, beta, axis=axis, residual=residual, activation="relu",
+                              device="cuda")
+    assert isinstance(y, np.ndarray)
+    ry, rmean, rinvstd = reference_fused_forward(x, gamma, beta, axis, True, None, None,
+                                                 residual, True)
+    assert_close(y, ry, tol, "y")
+    rdx, _, rdbeta, rdres = reference_fused_backward(dy, x, rmean, rinvstd, gamma, axis, True, y)
+    for name, dresidual in (("new", np.empty_like(dy)), ("dy", dy.copy())):
+        dy_in = dresidual if name == "dy" else dy
+        dx, _, dbeta = fastbn.backward(dy_in, x, stats, gamma, axis=axis, activation="relu", y=y,
+                                       dresidual=dresidual, device="cuda")
+        assert isinstance(dx, np.ndarray)
+        assert_close(dx, rdx, tol, f"dx, dresidual {name}")
+        assert_close(dbeta, rdbeta, tol, f"dbeta, dresidual {name}")
+        assert dresidual.tobytes() == rdres.astype(dtype).tobytes(), f"dresidual {name}"
+
+
+def test_fused_layer_on_device_arrays(rng):
+    """BatchNorm(activation="relu") on CUDA arrays: ``bn(x, residual)`` then ``bn.backward(dy)``
+    gives ``(dx, dresidual)`` on the device, as the same layer on the CPU gives them."""
+    shape, axis = CHANNELS_LAST
+    x, dy, _, _, _, _, residual = fused_case(rng, shape, axis, np.float32)
+    results = []
+    for arrays in (on_device(x, residual, dy), (x, residual, dy)):
+        bn = fastbn.BatchNorm(shape[axis], axis=axis, activation="relu")
+        y = bn(arrays[0], arrays[1])
+        dx, dresidual = bn.backward(arrays[2])
+        results.append([y, dx, dresidual, bn.grads()["beta"], bn.running_var])
+    assert all(map(is_device_array, results[0][:3]))
+    tol = tol_for(np.float32)
+    for name, gpu, cpu in zip(["y", "dx", "dresidual", "dbeta", "running_var"], *results):
+        assert_close(host(gpu), cpu, tol, name)
+    assert 0 < (results[1][0] == 0).sum() < x.size and (results[1][2] == 0).sum() > 0

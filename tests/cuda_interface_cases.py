@@ -186,6 +186,39 @@ def test_read_only_interface_arrays(rng):
         assert fake.host().tobytes() == values.tobytes(), "a refused call wrote an argument"
 
 
+@each_mode
+def test_fused_interface_arrays(training, recorder, rng):
+    """The fused residual add and ReLU with a residual, and a dresidual written, through
+    ``__cuda_array_interface__`` producers; another producer's stream on the residual is waited
+    for on the device like x's."""
+    x, dy, gamma, beta, rm, rv = make_case(rng, (5, 3, 8), 1, np.float32)
+    residual = rng.uniform(-1.5, 1.5, x.shape).astype(np.float32)
+    alive, number = new_stream()
+    other_alive, other = (None, 8765) if numba.config.ENABLE_CUDASIM else new_stream()
+    fx, fdy = FakeCudaArray(x, stream=number), FakeCudaArray(dy)
+    fresidual = FakeCudaArray(residual, stream=other)
+    fdresidual = FakeCudaArray(np.zeros_like(dy), strides="explicit")
+    with recorder:
+        y, stats = fastbn.forward(fx, gamma, beta, training=training, running_mean=rm.copy(),
+                                  running_var=rv.copy(), residual=fresidual, activation="relu")
+    assert recorder.log[:2] == [("event recorded", other), ("event waited", number)], (
+        "the residual's producer is waited for on x's stream", recorder.log)
+    assert recorder.streams("launch") == {number}
+    ry, rmean, rinvstd, _, _ = reference.forward(x, gamma, beta, 1, training, rm, rv)
+    ry = np.maximum(ry + residual, 0.0)
+    tol = tol_for(np.float32)
+    assert_close(host(y), ry, tol, "y")
+    dx, _, dbeta = fastbn.backward(fdy, fx, stats, gamma, training=training, activation="relu",
+                                   y=y, dresidual=fdresidual)
+    g = np.where(host(y) > 0, dy.astype(np.float64), 0.0)
+    rdx, _, rdbeta = reference.backward(g, x, rmean, rinvstd, gamma, 1, training)
+    assert_close(host(dx), rdx, tol, "dx")
+    assert_close(host(dbeta), rdbeta, tol, "dbeta")
+    assert fdresidual.host().tobytes() == g.astype(np.float32).tobytes(), "dresidual"
+    assert fresidual.host().tobytes() == residual.tobytes(), "the residual is read only"
+    del alive, other_alive
+
+
 # -- streams ------------------------------------------------------------------------------------
 
 
