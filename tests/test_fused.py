@@ -7,12 +7,21 @@ backward of the masked dy); finite differences away from the kink; PyTorch where
 """
 import numpy as np
 import pytest
+import reference
+from _util import (
+    Snapshot,
+    assert_close,
+    each_dtype,
+    each_layout,
+    each_mode,
+    make_case,
+    make_x,
+    numeric_grad,
+    shrink_blocks,
+    tol_for,
+)
 
 import fastbn
-
-import reference
-from _util import (Snapshot, assert_close, each_dtype, each_layout, each_mode, make_case,
-                   make_x, numeric_grad, shrink_blocks, tol_for)
 
 FUSIONS = {"residual": (True, None), "relu": (False, "relu"), "residual+relu": (True, "relu")}
 each_fusion = pytest.mark.parametrize("fusion", list(FUSIONS))
@@ -54,7 +63,7 @@ def fused_case(rng, layout, dtype, fusion):
 @each_dtype
 @each_layout
 def test_forward_against_reference_and_plain(kernel_path, layout, dtype, training, fusion, rng):
-    x, dy, residual, activation, gamma, beta, rm, rv, axis = fused_case(rng, layout, dtype,
+    x, _dy, residual, activation, gamma, beta, rm, rv, axis = fused_case(rng, layout, dtype,
                                                                         fusion)
     running = dict(running_mean=rm.copy(), running_var=rv.copy())
     plain_running = dict(running_mean=rm.copy(), running_var=rv.copy())
@@ -259,7 +268,7 @@ def _error_case(rng):
 @pytest.mark.parametrize("activation,error", [("gelu", ValueError), ("RELU", ValueError),
                                               (1, TypeError), (True, TypeError)])
 def test_unknown_activation(activation, error, rng):
-    x, dy, gamma, beta, rm, rv, residual, y, stats = _error_case(rng)
+    x, dy, gamma, beta, rm, rv, _residual, y, stats = _error_case(rng)
     snapshot = Snapshot(rm=rm, rv=rv, x=x, dy=dy, y=y)
     with pytest.raises(error, match="activation"):
         fastbn.forward(x, gamma, beta, running_mean=rm, running_var=rv, activation=activation)
@@ -271,7 +280,7 @@ def test_unknown_activation(activation, error, rng):
 
 
 def test_forward_errors_modify_nothing(rng):
-    x, dy, gamma, beta, rm, rv, residual, y, stats = _error_case(rng)
+    x, _dy, gamma, beta, rm, rv, residual, _y, _stats = _error_case(rng)
     out = np.zeros_like(x)
     snapshot = Snapshot(rm=rm, rv=rv, out=out, x=x, residual=residual)
     cases = [
@@ -292,7 +301,7 @@ def test_forward_errors_modify_nothing(rng):
 
 
 def test_backward_errors_modify_nothing(rng):
-    x, dy, gamma, beta, rm, rv, residual, y, stats = _error_case(rng)
+    x, dy, gamma, _beta, _rm, _rv, _residual, y, stats = _error_case(rng)
     out = np.zeros_like(x)
     dresidual = np.zeros_like(x)
     snapshot = Snapshot(out=out, dresidual=dresidual, x=x, dy=dy, y=y)
@@ -365,7 +374,7 @@ def test_layer(with_residual, rng):
 
 
 def test_layer_errors_leave_it_as_it_was(rng):
-    x, dy, gamma, beta, _, _ = make_case(rng, (8, 3, 5), 1, np.float32)
+    x, dy, _gamma, _beta, _, _ = make_case(rng, (8, 3, 5), 1, np.float32)
     bn = fastbn.BatchNorm1d(3, activation="relu")
     y = bn(x)
     state = {k: v.copy() for k, v in bn.state_dict().items()}
