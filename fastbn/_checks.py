@@ -498,7 +498,8 @@ def lean_forward(x, gamma, beta, axis, training, running_mean, running_var, mome
     if x3 is None or not ((training is True or training is False)
                           and type(eps) is float and 0.0 < eps < math.inf
                           and type(momentum) is float and 0.0 <= momentum <= 1.0
-                          and (activation is None or activation == "relu")):
+                          and (activation is None or type(activation) is str
+                               and activation == "relu")):
         return None
     residual3 = None
     if residual is not None:
@@ -549,7 +550,7 @@ def lean_backward(dy, x, stats, gamma, axis, training, out, device, activation=N
         return None
     y3 = dresidual3 = None
     if activation is not None or y is not None:
-        if not (activation == "relu" and _lean_like(y, x)
+        if not (type(activation) is str and activation == "relu" and _lean_like(y, x)
                 and (out is None or out is y or _apart(out, y))):
             return None
         y3 = y.reshape(x3.shape)

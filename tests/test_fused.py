@@ -266,7 +266,8 @@ def _error_case(rng):
 
 
 @pytest.mark.parametrize("activation,error", [("gelu", ValueError), ("RELU", ValueError),
-                                              (1, TypeError), (True, TypeError)])
+                                              (1, TypeError), (True, TypeError),
+                                              (np.array("relu"), TypeError)])
 def test_unknown_activation(activation, error, rng):
     x, dy, gamma, beta, rm, rv, _residual, y, stats = _error_case(rng)
     snapshot = Snapshot(rm=rm, rv=rv, x=x, dy=dy, y=y)
