@@ -48,9 +48,10 @@ def test_synchronized_batch_norm_equals_one_process(ranks):
 
 @pytest.mark.parametrize("where", [WHERE])
 def test_cuda_arrays(where):
-    """The same check with CUDA arrays, on the GPU or the simulator: only the 3·C numbers cross."""
+    """The checks that take CUDA arrays (the plain op, and the fused residual add and ReLU), on
+    the GPU or the simulator: only the 3·C numbers cross."""
     stdout, report = _run(2, os.path.join("tests", "mpi_cases.py"), "--gpu", env=GPU_ENV)
-    assert report.count("1 checks passed") == 2, f"on the {where}:\n{report[-5000:]}"
+    assert report.count("2 checks passed") == 2, f"on the {where}:\n{report[-5000:]}"
 
 
 def test_import_fastbn_does_not_start_mpi():
