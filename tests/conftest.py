@@ -32,3 +32,15 @@ def small_blocks(request, monkeypatch):
 def rng(request):
     """A generator seeded from the test's id: reproducible, different for every test."""
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+# Each kernel family forced in turn (tests/test_kernel_paths.py, tests/test_fused.py): PLANAR_RUN
+# 1 sends every view with runs to the planar kernels, a huge one sends everything to the rows ones.
+KERNEL_PATHS = {"planar": 1, "rows": 10**9}
+
+
+@pytest.fixture(params=list(KERNEL_PATHS))
+def kernel_path(request, monkeypatch):
+    import fastbn.cpu
+    monkeypatch.setattr(fastbn.cpu, "PLANAR_RUN", KERNEL_PATHS[request.param])
+    return request.param

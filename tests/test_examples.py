@@ -11,13 +11,18 @@ from _util import run_python
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def experiment():
+def _load_example(name):
+    """``examples/<name>.py`` imported as a module."""
     spec = importlib.util.spec_from_file_location(
-        "paper_experiment", os.path.join(ROOT, "examples", "paper_experiment.py"))
+        name, os.path.join(ROOT, "examples", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def experiment():
+    return _load_example("paper_experiment")
 
 
 @pytest.fixture(scope="module")
@@ -138,11 +143,7 @@ def test_relu_network_backward_matches_finite_differences(experiment):
 
 @pytest.fixture(scope="module")
 def residual():
-    spec = importlib.util.spec_from_file_location(
-        "residual_net", os.path.join(ROOT, "examples", "residual_net.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load_example("residual_net")
 
 
 @pytest.fixture(scope="module")

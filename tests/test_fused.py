@@ -25,14 +25,6 @@ import fastbn
 
 FUSIONS = {"residual": (True, None), "relu": (False, "relu"), "residual+relu": (True, "relu")}
 each_fusion = pytest.mark.parametrize("fusion", list(FUSIONS))
-PATHS = {"planar": 1, "rows": 10**9}
-
-
-@pytest.fixture(params=list(PATHS))
-def kernel_path(request, monkeypatch):
-    import fastbn.cpu
-    monkeypatch.setattr(fastbn.cpu, "PLANAR_RUN", PATHS[request.param])
-    return request.param
 
 
 def reference_fused(x, residual, activation, gamma, beta, axis, training, rm=None, rv=None):

@@ -14,15 +14,6 @@ from _util import (assert_close, each_dtype, each_layout, each_mode, make_affine
                    shrink_blocks, tol_for)
 from checks import check_backward, check_forward, reference_stats
 
-PATHS = {"planar": 1, "rows": 10**9}
-
-
-@pytest.fixture(params=list(PATHS))
-def kernel_path(request, monkeypatch):
-    import fastbn.cpu
-    monkeypatch.setattr(fastbn.cpu, "PLANAR_RUN", PATHS[request.param])
-    return request.param
-
 
 @each_mode
 @each_dtype
