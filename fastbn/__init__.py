@@ -8,13 +8,26 @@
 from ._batchnorm import BatchStats, backward, forward
 from ._checks import cuda_available
 from ._fold import fold, inference_affine
+from ._norms import (
+    NormStats,
+    group_norm,
+    group_norm_backward,
+    instance_norm,
+    instance_norm_backward,
+    layer_norm,
+    layer_norm_backward,
+    rms_norm,
+    rms_norm_backward,
+)
 from ._moments import Moments, merge_moments, moments, normalize
 from ._outputs import release as release_output_cache
 from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchStats", "Moments",
-           "backward", "cuda_available", "fold", "forward", "inference_affine", "merge_moments",
-           "moments", "normalize", "release_output_cache"]
+           "NormStats", "backward", "cuda_available", "fold", "forward", "group_norm",
+           "group_norm_backward", "inference_affine", "instance_norm", "instance_norm_backward",
+           "layer_norm", "layer_norm_backward", "merge_moments", "moments", "normalize",
+           "release_output_cache", "rms_norm", "rms_norm_backward"]
 
 
 def __getattr__(name):

@@ -53,3 +53,34 @@ class ChannelView:
         if out is None:
             return result, buffer.reshape(self.shape), None
         return out, buffer.reshape(self.shape), result
+
+
+class GroupView:
+    """Arrays of x's shape as the normalization family reads them: ``(rows, P, S)`` in C order.
+
+    Statistics are taken per row, over its ``P·S`` contiguous values; element ``(r, p, s)`` is
+    scaled by parameter ``(r % groups)·P + p`` (docs/design.md §2.5). Layer and RMS norm are
+    ``(prod(lead), prod(normalized_shape), 1)``, group norm ``(N·G, C/G, spatial)``, instance norm
+    ``(N·C, 1, spatial)``. A NumPy array that is not C-contiguous is copied; a CUDA array is
+    C-contiguous (the checks see to it).
+    """
+
+    def __init__(self, x, shape):
+        self.x_shape = x.shape
+        self.shape = shape
+
+    def of(self, a):
+        """``a`` (x's shape) as ``(rows, P, S)``: a view if it is C-contiguous, else a copy."""
+        if not isinstance(a, np.ndarray):
+            return a.reshape(self.shape)
+        return np.ascontiguousarray(a).reshape(self.shape)
+
+    def output(self, out, dtype):
+        """``(result, result3, pending)`` as ``ChannelView.output``: ``out`` if C-contiguous,
+        else a new C-contiguous buffer copied into ``out`` afterwards."""
+        if out is not None and out.flags.c_contiguous:
+            return out, out.reshape(self.shape), None
+        buffer = _outputs.empty(self.x_shape, dtype)
+        if out is None:
+            return buffer, buffer.reshape(self.shape), None
+        return out, buffer.reshape(self.shape), buffer

@@ -1252,6 +1252,178 @@ def _update_running(running_mean, running_var, mean, var, momentum, unbias):
         running_var[c] = (1.0 - momentum) * running_var[c] + momentum * var[c] * unbias
 
 
+# -- the normalization family: statistics per row of a (rows, P, S) view ----------------------
+#
+# Layer, group, instance and RMS norm (fastbn._norms, docs/design.md §2.5) take statistics over
+# each row of ``x2`` (the GroupView ``(rows, P, S)`` as rows of ``L = P·S`` contiguous values) and
+# scale element ``(r, p, s)`` by parameter ``(r % groups)·P + p``. A row is one work item, reduced
+# and mapped by one thread while it sits in its cache (rows of up to a few hundred KB): one read
+# and one write of memory, as a copy. Each row's arithmetic is the same whichever thread runs it,
+# and the parameter gradients add fixed blocks of rows in order, so results do not depend on the
+# thread count.
+
+NORM_BLOCKS = 64  # the parameter gradients are summed in at most this many blocks of rows
+
+
+@njit(fastmath=_SUM_MATH, **_helper)
+def _sum_of_squares(run):
+    s = 0.0
+    for i in range(run.size):
+        v = np.float64(run[i])
+        s += v * v
+    return s
+
+
+@njit(fastmath=_SUM_MATH, **_helper)
+def _weighted_gradient_sums(dy_run, x_run, mean, weight):
+    s = 0.0
+    sx = 0.0
+    for i in range(dy_run.size):
+        g = weight[i] * dy_run[i]
+        s += g
+        sx += g * (x_run[i] - mean)
+    return s, sx
+
+
+@njit(**_helper)
+def _row_moments(row, chunk):
+    """``(mean − s, M2)`` of a row about its first value ``s``, exactly: chunks of ``chunk``
+    values reduced in two passes (as ``_chunk_moments``), merged in order with ``chan``."""
+    shift = row[0]
+    n = 0.0
+    delta = 0.0
+    m2 = 0.0
+    for i0 in range(0, row.size, chunk):
+        run = row[i0:i0 + chunk]
+        k = np.float64(run.size)
+        centre = shift + _sum_minus(run, shift) / k
+        sd, sdd = _sums_of_deviations(run, centre)
+        piece = sdd - sd * sd / k
+        n, delta, m2 = _chan(n, delta, m2, k, (centre - shift) + sd / k,
+                             0.0 if piece < 0.0 else piece)  # NaN passes
+    return delta, m2
+
+
+@njit(fastmath=_MAP_MATH, **_helper)
+def _row_map(x, y, base, runs, shift, delta, invstd, gamma, beta):
+    """``y = a·(x − shift) + (β − a·delta)``, ``a = γ·invstd``, along one row of ``runs`` runs
+    (each scaled by one parameter, from ``base`` on): a constant row (x = shift, delta = 0)
+    gives exactly β."""
+    run = x.size // runs
+    if run == 1:  # a parameter per value (layer and RMS norm): vectorized along the row
+        for k in range(x.size):
+            a = gamma[base + k] * invstd
+            y[k] = a * (x[k] - shift) + (beta[base + k] - a * delta)
+        return
+    for p in range(runs):
+        a = gamma[base + p] * invstd
+        b = beta[base + p] - a * delta
+        for i in range(p * run, (p + 1) * run):
+            y[i] = a * (x[i] - shift) + b
+
+
+@_kernel
+def _rows_normalize(x2, y2, runs, groups, gamma, beta, eps, centred, stats, chunk):
+    length = x2.shape[1]
+    for r in prange(x2.shape[0]):
+        row = x2[r]
+        if centred:
+            shift = np.float64(row[0])
+            delta, m2 = _row_moments(row, chunk)
+            var = m2 / length
+        else:  # RMS norm: the mean square, about 0
+            shift = delta = 0.0
+            var = _sum_of_squares(row) / length
+        invstd = 1.0 / np.sqrt(var + eps)
+        _row_map(row, y2[r], (r % groups) * runs, runs, shift, delta, invstd, gamma, beta)
+        stats[0, r] = shift + delta
+        stats[1, r] = var
+        stats[2, r] = invstd
+
+
+@_kernel
+def _rows_normalize_with(x2, y2, runs, groups, mean, invstd, gamma, beta):
+    for r in prange(x2.shape[0]):
+        _row_map(x2[r], y2[r], (r % groups) * runs, runs, mean[r], 0.0, invstd[r], gamma, beta)
+
+
+@njit(fastmath=_MAP_MATH, **_helper)
+def _row_gradient(dy, x, dx, base, runs, mean, p, q, r, gamma, dgamma, dbeta):
+    """``dx = γ·p·dy + q·(x − mean) + r`` along one row, and its ``Σdy·(x − mean)·p`` and ``Σdy``
+    added into ``dgamma``, ``dbeta`` per parameter."""
+    run = x.size // runs
+    if run == 1:
+        for k in range(x.size):
+            g = np.float64(dy[k])
+            xmu = x[k] - mean
+            dx[k] = gamma[base + k] * p * g + (q * xmu + r)
+            dgamma[base + k] += g * xmu * p
+            dbeta[base + k] += g
+        return
+    for c in range(runs):
+        pc = gamma[base + c] * p
+        for i in range(c * run, (c + 1) * run):
+            dx[i] = pc * dy[i] + (q * (x[i] - mean) + r)
+
+
+@_kernel
+def _rows_normalize_backward(dy2, x2, dx2, runs, groups, mean, invstd, gamma, training,
+                             rows_per_block, partials):
+    rows, length = x2.shape
+    run = length // runs
+    for block in prange(partials.shape[1]):
+        dgamma = partials[0, block]
+        dbeta = partials[1, block]
+        for c in range(dgamma.size):
+            dgamma[c] = dbeta[c] = 0.0
+        for r in range(block * rows_per_block, min((block + 1) * rows_per_block, rows)):
+            base = (r % groups) * runs
+            centre = 0.0 if mean is None else mean[r]
+            p = invstd[r]
+            q = r0 = 0.0
+            if training or run > 1:
+                if run == 1:
+                    a, b = _weighted_gradient_sums(dy2[r], x2[r], centre,
+                                                   gamma[base:base + runs])
+                else:  # a parameter per run: plain sums per run, weighted after
+                    a = b = 0.0
+                    for c in range(runs):
+                        u, v = _sums_for_gradient(dy2[r, c * run:(c + 1) * run],
+                                                  x2[r, c * run:(c + 1) * run], centre, None)
+                        a += gamma[base + c] * u
+                        b += gamma[base + c] * v
+                        dgamma[base + c] += v * p
+                        dbeta[base + c] += u
+                if training:
+                    q = -p * p * p * b / length
+                    r0 = 0.0 if mean is None else -p * a / length
+            _row_gradient(dy2[r], x2[r], dx2[r], base, runs, centre, p, q, r0, gamma,
+                          dgamma, dbeta)
+
+
+@_step
+def _group_forward(x2, y2, runs, groups, gamma, beta, eps, centred, chunk):
+    stats = np.empty((3, x2.shape[0]))
+    _rows_normalize(x2, y2, runs, groups, gamma, beta, eps, centred, stats, chunk)
+    return stats
+
+
+@_step
+def _group_normalize_with(x2, y2, runs, groups, mean, invstd, gamma, beta):
+    _rows_normalize_with(x2, y2, runs, groups, mean, invstd, gamma, beta)
+
+
+@_step
+def _group_backward(dy2, x2, dx2, runs, groups, mean, invstd, gamma, training, parameters,
+                    blocks):
+    rows = x2.shape[0]
+    per_block = max(1, (rows + blocks - 1) // blocks)  # from the shape alone: fixed sums
+    partials = np.empty((2, (rows + per_block - 1) // per_block, parameters))
+    _rows_normalize_backward(dy2, x2, dx2, runs, groups, mean, invstd, gamma, training,
+                             per_block, partials)
+    return _add_partials(partials)
+
+
 # -- whole ops in one compiled call: the lean path of fastbn.forward and fastbn.backward --------
 #
 # Results go into arrays the caller made (stats, grads): a compiled function's returned arrays
@@ -1470,3 +1642,47 @@ def update_running(running_mean, running_var, mean, var, momentum, unbias):
     """PyTorch's update, in place: ``running = (1 − momentum)·running + momentum·batch``, with
     the unbiased ``var·unbias``; in float64, rounded once to the running arrays' dtype."""
     _update_running(running_mean, running_var, mean, var, momentum, unbias)
+
+
+# The normalization family's steps (fastbn._norms): on the GroupView ``(rows, P, S)``, with
+# parameter ``(r % groups)·P + p`` for element ``(r, p, s)``; gamma and beta float64 vectors of
+# ``groups·P`` values; per-row statistics float64 vectors.
+
+
+def _as_rows(a3):
+    return a3.reshape(a3.shape[0], a3.shape[1] * a3.shape[2])
+
+
+def group_forward(x3, y3, groups, gamma, beta, eps, centred):
+    """Per-row statistics of ``x3`` and the map into ``y3``: ``(mean, var, invstd)``.
+
+    ``centred``: mean and biased variance, exactly (about each row's first value, chunk moments
+    merged in order), ``y = γ·(x − μ)·invstd + β`` applied as ``a·(x − s) + (β − a·δ)``.
+    Otherwise (RMS norm) ``var`` is the mean square, ``y = γ·x·invstd`` and ``mean`` is None.
+    """
+    stats = _group_forward(_as_rows(x3), _as_rows(y3), x3.shape[1], groups, gamma, beta, eps,
+                           centred, CHUNK)
+    return (stats[0] if centred else None), stats[1], stats[2]
+
+
+def cast(a, dtype):
+    """A float64 vector in ``dtype``."""
+    return a.astype(dtype)
+
+
+def group_normalize_with(x3, y3, groups, mean, invstd, gamma, beta):
+    """The map with given per-row statistics: ``y = γ·(x − mean)·invstd + β``."""
+    _group_normalize_with(_as_rows(x3), _as_rows(y3), x3.shape[1], groups, mean, invstd, gamma,
+                          beta)
+
+
+def group_backward(dy3, x3, dx3, groups, mean, invstd, gamma, training):
+    """``dx`` into ``dx3``, and float64 ``(dgamma, dbeta) = (Σdy·x̂, Σdy)`` per parameter.
+
+    ``training``: the gradient flows through the row statistics, ``dx = p·dy + q·(x − μ) + r``
+    with ``p = γ·invstd``, ``q = −invstd³·Σγdy(x − μ)/L``, ``r = −invstd·Σγdy/L`` (``μ`` and ``r``
+    0 when ``mean`` is None, RMS norm); otherwise ``dx = p·dy``.
+    """
+    sums = _group_backward(_as_rows(dy3), _as_rows(x3), _as_rows(dx3), x3.shape[1], groups,
+                           mean, invstd, gamma, training, groups * x3.shape[1], NORM_BLOCKS)
+    return sums[0], sums[1]

@@ -99,3 +99,101 @@ def moments(x, axis=1):
     d = r - r[0]
     mean_d = d.mean(axis=0)
     return np.full(r.shape[1], float(r.shape[0])), r[0] + mean_d, ((d - mean_d) ** 2).sum(axis=0)
+
+
+# -- the normalization family: the same equations over another grouping -----------------------
+#
+# Each op normalizes rows of x (below, ``x`` reshaped to ``(rows, values)``) and scales element
+# ``(row, k)`` by ``gamma`` at a parameter index ``param[row, k]``:
+#
+#   layer norm   rows: the leading axes; values: normalized_shape;   parameter: k
+#   group norm   rows: (N, G); values: (C/G, spatial);               parameter: its channel
+#   instance     rows: (N, C); values: spatial;                      parameter: its channel
+#   RMS norm     as layer norm, with mean 0 (no centring):  x_hat = x / sqrt(mean(x²) + eps)
+
+
+def _param_index(shape, kind, groups=None):
+    """``(rows, values)`` and the parameter index of every element, for an op on ``shape``."""
+    if kind == "layer":
+        lead, k = shape
+        rows = int(np.prod(lead))
+        size = int(np.prod(k))
+        return (rows, size), np.broadcast_to(np.arange(size), (rows, size))
+    n, c = shape[0], shape[1]
+    spatial = int(np.prod(shape[2:]))
+    channel = np.broadcast_to(np.arange(c)[None, :, None], (n, c, spatial))
+    return (n * groups, c // groups * spatial), channel.reshape(n * groups, -1)
+
+
+def _affine(kind, x_shape, groups, normalized_ndim, gamma, beta):
+    """``(rows, values)``, and gamma and beta at every element of x as ``(rows, values)``."""
+    shape = _affine_shape(kind, x_shape, normalized_ndim)
+    size = int(np.prod(shape[1])) if kind == "layer" else x_shape[1]
+    g = np.ones(size) if gamma is None else np.asarray(gamma, np.float64).reshape(-1)
+    b = np.zeros(size) if beta is None else np.asarray(beta, np.float64).reshape(-1)
+    (rows, values), index = _param_index(shape, kind, groups)
+    return (rows, values), g[index], b[index]
+
+
+def _row_statistics(r, eps, centred):
+    if centred:
+        s = r[:, :1]
+        d = r - s
+        mean_d = d.mean(axis=1, keepdims=True)
+        var = ((d - mean_d) ** 2).mean(axis=1)
+        return (s + mean_d)[:, 0], var, 1.0 / np.sqrt(var + eps)
+    ms = (r * r).mean(axis=1)
+    return None, ms, 1.0 / np.sqrt(ms + eps)
+
+
+def normalize(x, kind, eps, gamma=None, beta=None, groups=1, normalized_ndim=1, centred=True,
+              mean=None, invstd=None):
+    """``(y, mean, var, invstd)`` in float64, with per-row statistics of shape ``(rows,)``
+    (``mean`` None for RMS norm; ``var`` the biased variance, or the mean square). Given
+    ``mean`` and ``invstd`` (instance norm in eval), they are used instead of x's."""
+    x = np.asarray(x, np.float64)
+    (rows, values), g, b = _affine(kind, x.shape, groups, normalized_ndim, gamma, beta)
+    r = x.reshape(rows, values)
+    if invstd is None:
+        mean, var, invstd = _row_statistics(r, eps, centred)
+    else:
+        var = 1.0 / np.asarray(invstd, np.float64) ** 2 - eps
+    centre = 0.0 if mean is None else np.asarray(mean, np.float64).reshape(rows, 1)
+    xhat = (r - centre) * np.asarray(invstd, np.float64).reshape(rows, 1)
+    return (g * xhat + b).reshape(x.shape), mean, var, invstd
+
+
+def normalize_backward(dy, x, mean, invstd, kind, gamma=None, groups=1, normalized_ndim=1,
+                       training=True):
+    """``(dx, dgamma, dbeta)`` in float64 for the op ``normalize`` ran (mean None: RMS norm):
+    ``dx = invstd·(g − mean(g) − x̂·mean(g·x̂))`` per row with ``g = γ·dy`` (no ``mean(g)`` term
+    for RMS norm; ``γ·invstd·dy`` when the statistics were constants), ``dgamma = Σ dy·x̂`` and
+    ``dbeta = Σ dy`` per parameter."""
+    x = np.asarray(x, np.float64)
+    dy = np.asarray(dy, np.float64)
+    (rows, values), g, _ = _affine(kind, x.shape, groups, normalized_ndim, gamma, None)
+    r = x.reshape(rows, values)
+    d = dy.reshape(rows, values)
+    invstd = np.asarray(invstd, np.float64).reshape(rows, 1)
+    centre = 0.0 if mean is None else np.asarray(mean, np.float64).reshape(rows, 1)
+    xhat = (r - centre) * invstd
+    gd = g * d
+    if not training:
+        dx = invstd * gd
+    elif mean is None:
+        dx = invstd * (gd - xhat * (gd * xhat).mean(axis=1, keepdims=True))
+    else:
+        dx = invstd * (gd - gd.mean(axis=1, keepdims=True)
+                       - xhat * (gd * xhat).mean(axis=1, keepdims=True))
+    _, index = _param_index(_affine_shape(kind, x.shape, normalized_ndim), kind, groups)
+    size = g.shape[1] if kind == "layer" else x.shape[1]
+    dgamma = np.bincount(index.reshape(-1), (d * xhat).reshape(-1), size)
+    dbeta = np.bincount(index.reshape(-1), d.reshape(-1), size)
+    return dx.reshape(x.shape), dgamma, dbeta
+
+
+def _affine_shape(kind, x_shape, normalized_ndim):
+    if kind == "layer":
+        k = len(x_shape) - normalized_ndim
+        return (x_shape[:k], x_shape[k:])
+    return x_shape
