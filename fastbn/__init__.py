@@ -8,6 +8,7 @@
 from ._batchnorm import BatchStats, backward, forward
 from ._checks import cuda_available
 from ._fold import fold, inference_affine
+from ._moments import Moments, merge_moments, moments, normalize
 from ._norms import (
     NormStats,
     group_norm,
@@ -19,12 +20,23 @@ from ._norms import (
     rms_norm,
     rms_norm_backward,
 )
-from ._moments import Moments, merge_moments, moments, normalize
 from ._outputs import release as release_output_cache
-from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .layers import (
+    BatchNorm,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    GroupNorm,
+    InstanceNorm1d,
+    InstanceNorm2d,
+    InstanceNorm3d,
+    LayerNorm,
+    RMSNorm,
+)
 
-__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchStats", "Moments",
-           "NormStats", "backward", "cuda_available", "fold", "forward", "group_norm",
+__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchStats", "GroupNorm",
+           "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "Moments",
+           "NormStats", "RMSNorm", "backward", "cuda_available", "fold", "forward", "group_norm",
            "group_norm_backward", "inference_affine", "instance_norm", "instance_norm_backward",
            "layer_norm", "layer_norm_backward", "merge_moments", "moments", "normalize",
            "release_output_cache", "rms_norm", "rms_norm_backward"]

@@ -1,13 +1,115 @@
-"""``BatchNorm``: a batch-norm layer for NumPy training loops, step for step ``torch.nn.BatchNorm*d``."""
+"""Normalization layers for NumPy training loops, step for step their ``torch.nn`` namesakes:
+``BatchNorm`` (and ``BatchNorm1d/2d/3d``), ``LayerNorm``, ``GroupNorm``,
+``InstanceNorm1d/2d/3d`` and ``RMSNorm``. Each is called on a batch (``y = layer(x)``), then
+``dx = layer.backward(dy)``; ``params()`` and ``grads()`` give the parameters and their
+gradients, ``state_dict()`` uses PyTorch's keys."""
 import numbers
 
 import numpy as np
 
+from . import _norms
 from ._arrays import device_view, is_cuda_array
 from ._internal import DATA_DTYPES, activation_value, backward, eps_value, forward
 
 
-class BatchNorm:
+class _Layer:
+    """What every layer shares: modes, parameters and gradients, checkpoints.
+
+    A subclass sets ``affine``, ``gamma``, ``beta`` (None where absent), ``track_running_stats``
+    with ``running_mean``, ``running_var``, ``num_batches_tracked``, and ``training``.
+    """
+
+    affine = False
+    track_running_stats = False
+    gamma = beta = dgamma = dbeta = None
+
+    # -- modes ----------------------------------------------------------------------------------
+
+    def train(self, mode=True):
+        """Set training mode (``mode=False``: eval mode); returns the layer."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Set eval mode; returns the layer."""
+        return self.train(False)
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def params(self):
+        """``{"gamma": ..., "beta": ...}`` (the arrays themselves; only those the layer has), or
+        ``{}`` without affine."""
+        return {name: a for name, a in (("gamma", self.gamma), ("beta", self.beta))
+                if a is not None} if self.affine else {}
+
+    def grads(self):
+        """The gradients of ``params()``'s arrays from the last backward, keyed alike."""
+        return {name: g for name, a, g in (("gamma", self.gamma, self.dgamma),
+                                           ("beta", self.beta, self.dbeta))
+                if a is not None} if self.affine else {}
+
+    # -- checkpoints, with PyTorch's key names ---------------------------------------------------
+
+    def _arrays(self):
+        names = {}
+        if self.affine:
+            names.update((name, a) for name, a in (("weight", self.gamma), ("bias", self.beta))
+                         if a is not None)
+        if self.track_running_stats:
+            names.update(running_mean=self.running_mean, running_var=self.running_var)
+        return names
+
+    def state_dict(self):
+        """Copies of the layer's state, keyed as PyTorch's ``state_dict`` keys it."""
+        state = {name: a.copy() for name, a in self._arrays().items()}
+        if self.track_running_stats:
+            state["num_batches_tracked"] = np.array(self.num_batches_tracked, np.int64)
+        return state
+
+    def load_state_dict(self, state):
+        """Load ``state`` (PyTorch's keys; arrays or anything NumPy converts, e.g. tensors' .numpy()).
+
+        Every key must be there, with the right shape, and no other: otherwise a ValueError, and
+        the layer is left as it was.
+        """
+        arrays = self._arrays()
+        expected = set(arrays) | ({"num_batches_tracked"} if self.track_running_stats else set())
+        missing, unexpected = expected - set(state), set(state) - expected
+        if missing or unexpected:
+            raise ValueError(f"state dict keys do not match the layer: missing "
+                             f"{sorted(missing)}, unexpected {sorted(unexpected)}")
+        values = {}
+        for name, target in arrays.items():
+            value = np.asarray(state[name])
+            if value.shape != target.shape or value.dtype.kind not in "fiu":
+                raise ValueError(f"state dict entry {name!r} must be a real array of shape "
+                                 f"{target.shape}, got dtype {value.dtype}, shape {value.shape}")
+            values[name] = value
+        if self.track_running_stats:
+            count = np.asarray(state["num_batches_tracked"])
+            if count.shape not in ((), (1,)) or count.dtype.kind not in "iu":
+                raise ValueError(f"state dict entry 'num_batches_tracked' must be an integer, "
+                                 f"got dtype {count.dtype}, shape {count.shape}")
+            self.num_batches_tracked = int(count.reshape(()))
+        for name, target in arrays.items():
+            target[...] = values[name]
+
+
+def _layer_dtype(dtype):
+    dtype = np.dtype(dtype)
+    if dtype not in DATA_DTYPES:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    return dtype
+
+
+def _positive(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+class BatchNorm(_Layer):
     """Batch normalization over every axis of the input but the channel ``axis``.
 
     Parameters
@@ -50,9 +152,7 @@ class BatchNorm:
 
     def __init__(self, num_features, *, axis=1, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, dtype=np.float32, stream=None, activation=None):
-        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) \
-                or num_features < 1:
-            raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
+        channels = _positive("num_features", num_features)
         if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
             raise TypeError(f"axis must be an integer, got {axis!r}")
         if momentum is not None and (isinstance(momentum, bool)
@@ -60,10 +160,7 @@ class BatchNorm:
                                      or not 0.0 <= momentum <= 1.0):
             raise ValueError(f"momentum must be None or a number in [0, 1], got {momentum!r}")
         activation_value(activation)
-        dtype = np.dtype(dtype)
-        if dtype not in DATA_DTYPES:
-            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-        channels = int(num_features)
+        dtype = _layer_dtype(dtype)
         self.num_features = channels
         self.axis = int(axis)
         self.eps = eps_value(eps)
@@ -88,17 +185,6 @@ class BatchNorm:
         return (f"{type(self).__name__}({self.num_features}, axis={self.axis}, eps={self.eps}, "
                 f"momentum={self.momentum}, affine={self.affine}, "
                 f"track_running_stats={self.track_running_stats}{activation})")
-
-    # -- modes ----------------------------------------------------------------------------------
-
-    def train(self, mode=True):
-        """Set training mode (``mode=False``: eval mode); returns the layer."""
-        self.training = bool(mode)
-        return self
-
-    def eval(self):
-        """Set eval mode; returns the layer."""
-        return self.train(False)
 
     # -- forward and backward -------------------------------------------------------------------
 
@@ -149,59 +235,6 @@ class BatchNorm:
         return backward(dy, x, stats, gamma, axis=axis, training=training, stream=self.stream,
                         activation=activation, y=y, dresidual=dresidual)
 
-    def params(self):
-        """``{"gamma": ..., "beta": ...}`` (the arrays themselves), or ``{}`` without affine."""
-        return {"gamma": self.gamma, "beta": self.beta} if self.affine else {}
-
-    def grads(self):
-        """``{"gamma": dgamma, "beta": dbeta}`` of the last backward, or ``{}`` without affine."""
-        return {"gamma": self.dgamma, "beta": self.dbeta} if self.affine else {}
-
-    # -- checkpoints, with PyTorch's key names ---------------------------------------------------
-
-    def _arrays(self):
-        names = {}
-        if self.affine:
-            names.update(weight=self.gamma, bias=self.beta)
-        if self.track_running_stats:
-            names.update(running_mean=self.running_mean, running_var=self.running_var)
-        return names
-
-    def state_dict(self):
-        """Copies of the layer's state, keyed as PyTorch's ``state_dict`` keys it."""
-        state = {name: a.copy() for name, a in self._arrays().items()}
-        if self.track_running_stats:
-            state["num_batches_tracked"] = np.array(self.num_batches_tracked, np.int64)
-        return state
-
-    def load_state_dict(self, state):
-        """Load ``state`` (PyTorch's keys; arrays or anything NumPy converts, e.g. tensors' .numpy()).
-
-        Every key must be there, with the right shape, and no other: otherwise a ValueError, and
-        the layer is left as it was.
-        """
-        arrays = self._arrays()
-        expected = set(arrays) | ({"num_batches_tracked"} if self.track_running_stats else set())
-        missing, unexpected = expected - set(state), set(state) - expected
-        if missing or unexpected:
-            raise ValueError(f"state dict keys do not match the layer: missing "
-                             f"{sorted(missing)}, unexpected {sorted(unexpected)}")
-        values = {}
-        for name, target in arrays.items():
-            value = np.asarray(state[name])
-            if value.shape != target.shape or value.dtype.kind not in "fiu":
-                raise ValueError(f"state dict entry {name!r} must be a real array of shape "
-                                 f"{target.shape}, got dtype {value.dtype}, shape {value.shape}")
-            values[name] = value
-        if self.track_running_stats:
-            count = np.asarray(state["num_batches_tracked"])
-            if count.shape not in ((), (1,)) or count.dtype.kind not in "iu":
-                raise ValueError(f"state dict entry 'num_batches_tracked' must be an integer, "
-                                 f"got dtype {count.dtype}, shape {count.shape}")
-            self.num_batches_tracked = int(count.reshape(()))
-        for name, target in arrays.items():
-            target[...] = values[name]
-
 
 def _empty_like(dy, x):
     """A new array for dresidual, where dy lives, laid out like x (backward checks the shapes)."""
@@ -239,5 +272,269 @@ class BatchNorm2d(_FixedRank):
 
 class BatchNorm3d(_FixedRank):
     """``BatchNorm`` for N×C×D×H×W inputs, as ``torch.nn.BatchNorm3d``."""
+
+    ranks = (5,)
+
+
+# -- the normalization family ------------------------------------------------------------------
+
+
+class _Family(_Layer):
+    """A layer of the family: ``forward`` runs the op and keeps what ``backward`` needs."""
+
+    stream = None
+
+    def _remember(self, x, result, training=True):
+        y, stats = result
+        self._saved = x, stats, training
+        return y
+
+    def _last(self):
+        if self._saved is None:
+            raise RuntimeError("backward needs a forward first: it differentiates the last one")
+        return self._saved
+
+    def _store(self, dgamma, dbeta=None):
+        if self.affine:
+            self.dgamma = dgamma
+            if self.beta is not None:
+                self.dbeta = dbeta
+
+
+def _shape_of(x):
+    return tuple(device_view(x).shape if is_cuda_array(x) else np.shape(x))
+
+
+def _shape(normalized_shape):
+    shape = _norms._shape_argument(normalized_shape)
+    if not shape or any(n < 1 for n in shape):
+        raise ValueError(f"normalized_shape must be one or more positive sizes, got "
+                         f"{normalized_shape!r}")
+    return shape
+
+
+class LayerNorm(_Family):
+    """Layer normalization over the last axes, as ``torch.nn.LayerNorm``.
+
+    Parameters
+    ----------
+    normalized_shape : int or tuple of ints
+        The trailing axes of the inputs normalized over.
+    eps : float
+        Added to the variance.
+    elementwise_affine : bool
+        Whether the layer has a learnable ``gamma`` (ones) and ``beta`` (zeros) of
+        ``normalized_shape``.
+    bias : bool
+        Whether it has ``beta`` (with ``elementwise_affine``).
+    dtype : float32 or float64
+        The parameters' dtype.
+    stream : CUDA stream, optional
+        As ``BatchNorm``'s.
+
+    ``y = ln(x)``, ``dx = ln.backward(dy)``; ``params()``/``grads()`` are keyed ``"gamma"``,
+    ``"beta"``; ``state_dict()`` has PyTorch's ``weight`` and ``bias``. Training and eval
+    modes compute alike (``train``/``eval`` are there for a model's sake).
+    """
+
+    def __init__(self, normalized_shape, *, eps=1e-5, elementwise_affine=True, bias=True,
+                 dtype=np.float32, stream=None):
+        self.normalized_shape = _shape(normalized_shape)
+        self.eps = eps_value(eps)
+        dtype = _layer_dtype(dtype)
+        self.affine = self.elementwise_affine = bool(elementwise_affine)
+        self.gamma = np.ones(self.normalized_shape, dtype) if self.affine else None
+        self.beta = np.zeros(self.normalized_shape, dtype) if self.affine and bias else None
+        self.stream = stream
+        self.training = True
+        self._saved = None
+
+    def __repr__(self):
+        return (f"{type(self).__name__}({self.normalized_shape}, eps={self.eps}, "
+                f"elementwise_affine={self.affine}, bias={self.beta is not None})")
+
+    def forward(self, x):
+        """``y``: each sample normalized over the last axes, scaled and shifted."""
+        return self._remember(x, _norms.layer_norm(x, self.normalized_shape, self.gamma,
+                                                   self.beta, eps=self.eps, stream=self.stream))
+
+    def backward(self, dy):
+        """``dx`` for ``dy`` of the last forward; ``grads()`` then holds dgamma, dbeta."""
+        x, stats, _ = self._last()
+        dx, dgamma, dbeta = _norms.layer_norm_backward(dy, x, stats, self.normalized_shape,
+                                                       self.gamma, stream=self.stream)
+        self._store(dgamma, dbeta)
+        return dx
+
+
+class RMSNorm(_Family):
+    """RMS normalization over the last axes, as ``torch.nn.RMSNorm``: ``LayerNorm``'s interface
+    with a scale ``gamma`` only (key ``weight``), and ``eps=None`` meaning the input dtype's
+    machine epsilon."""
+
+    def __init__(self, normalized_shape, *, eps=None, elementwise_affine=True, dtype=np.float32,
+                 stream=None):
+        self.normalized_shape = _shape(normalized_shape)
+        self.eps = None if eps is None else eps_value(eps)
+        dtype = _layer_dtype(dtype)
+        self.affine = self.elementwise_affine = bool(elementwise_affine)
+        self.gamma = np.ones(self.normalized_shape, dtype) if self.affine else None
+        self.stream = stream
+        self.training = True
+        self._saved = None
+
+    def __repr__(self):
+        return (f"{type(self).__name__}({self.normalized_shape}, eps={self.eps}, "
+                f"elementwise_affine={self.affine})")
+
+    def forward(self, x):
+        """``y = γ·x / sqrt(mean(x²) + eps)`` over the last axes."""
+        return self._remember(x, _norms.rms_norm(x, self.normalized_shape, self.gamma,
+                                                 eps=self.eps, stream=self.stream))
+
+    def backward(self, dy):
+        """``dx`` for ``dy`` of the last forward; ``grads()`` then holds dgamma."""
+        x, stats, _ = self._last()
+        dx, dgamma = _norms.rms_norm_backward(dy, x, stats, self.normalized_shape, self.gamma,
+                                              stream=self.stream)
+        self._store(dgamma)
+        return dx
+
+
+class GroupNorm(_Family):
+    """Group normalization, as ``torch.nn.GroupNorm``: the ``num_channels`` channels (axis 1) cut
+    into ``num_groups`` groups, each normalized per sample over its channels and spatial axes;
+    ``gamma`` (ones) and ``beta`` (zeros) per channel with ``affine``. Interface as
+    ``LayerNorm``'s."""
+
+    def __init__(self, num_groups, num_channels, *, eps=1e-5, affine=True, dtype=np.float32,
+                 stream=None):
+        self.num_groups = _positive("num_groups", num_groups)
+        self.num_channels = _positive("num_channels", num_channels)
+        if self.num_channels % self.num_groups:
+            raise ValueError(f"num_channels {num_channels} must be divisible by num_groups "
+                             f"{num_groups}")
+        self.eps = eps_value(eps)
+        dtype = _layer_dtype(dtype)
+        self.affine = bool(affine)
+        self.gamma = np.ones(self.num_channels, dtype) if self.affine else None
+        self.beta = np.zeros(self.num_channels, dtype) if self.affine else None
+        self.stream = stream
+        self.training = True
+        self._saved = None
+
+    def __repr__(self):
+        return (f"{type(self).__name__}({self.num_groups}, {self.num_channels}, eps={self.eps}, "
+                f"affine={self.affine})")
+
+    def forward(self, x):
+        """``y``: each group of channels of each sample normalized, scaled and shifted."""
+        shape = _shape_of(x)
+        if len(shape) >= 2 and shape[1] != self.num_channels:
+            raise ValueError(f"{self!r} expects {self.num_channels} channels (axis 1), got x of "
+                             f"shape {shape}")
+        return self._remember(x, _norms.group_norm(x, self.num_groups, self.gamma, self.beta,
+                                                   eps=self.eps, stream=self.stream))
+
+    def backward(self, dy):
+        """``dx`` for ``dy`` of the last forward; ``grads()`` then holds dgamma, dbeta."""
+        x, stats, _ = self._last()
+        dx, dgamma, dbeta = _norms.group_norm_backward(dy, x, stats, self.num_groups, self.gamma,
+                                                       stream=self.stream)
+        self._store(dgamma, dbeta)
+        return dx
+
+
+class _InstanceNorm(_Family):
+    """Instance normalization, as ``torch.nn.InstanceNorm*d``: each channel of each sample
+    normalized over its spatial axes.
+
+    Parameters
+    ----------
+    num_features : int
+        C.
+    eps : float
+    momentum : float in [0, 1] or None
+        The running statistics' update weight (None: no update, as PyTorch's InstanceNorm).
+    affine : bool
+        Whether the layer has ``gamma`` (ones) and ``beta`` (zeros) per channel.
+    track_running_stats : bool
+        Whether it keeps running statistics, and normalizes with them in eval mode (without
+        them it uses each instance's statistics in eval mode too). ``num_batches_tracked`` is
+        kept for the state dict, and stays 0 as in PyTorch.
+    dtype, stream
+        As ``BatchNorm``'s.
+    """
+
+    ranks = ()
+
+    def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=False,
+                 track_running_stats=False, dtype=np.float32, stream=None):
+        channels = _positive("num_features", num_features)
+        if momentum is not None and (isinstance(momentum, bool)
+                                     or not isinstance(momentum, numbers.Real)
+                                     or not 0.0 <= momentum <= 1.0):
+            raise ValueError(f"momentum must be None or a number in [0, 1], got {momentum!r}")
+        dtype = _layer_dtype(dtype)
+        self.num_features = channels
+        self.eps = eps_value(eps)
+        self.momentum = None if momentum is None else float(momentum)
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.gamma = np.ones(channels, dtype) if self.affine else None
+        self.beta = np.zeros(channels, dtype) if self.affine else None
+        self.running_mean = np.zeros(channels, dtype) if self.track_running_stats else None
+        self.running_var = np.ones(channels, dtype) if self.track_running_stats else None
+        self.num_batches_tracked = 0 if self.track_running_stats else None
+        self.stream = stream
+        self.training = True
+        self._saved = None
+
+    def __repr__(self):
+        return (f"{type(self).__name__}({self.num_features}, eps={self.eps}, "
+                f"momentum={self.momentum}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats})")
+
+    def forward(self, x):
+        """``y``; in training mode with running statistics, also updates them."""
+        shape = _shape_of(x)
+        if len(shape) not in self.ranks:
+            raise ValueError(f"{type(self).__name__} takes inputs of {self.ranks[0]} dimensions "
+                             f"(N, C, spatial...), got shape {tuple(shape)}")
+        if shape[1] != self.num_features:
+            raise ValueError(f"{self!r} expects {self.num_features} channels (axis 1), got x of "
+                             f"shape {tuple(shape)}")
+        own = self.training or not self.track_running_stats
+        running = self.track_running_stats and (self.training or not own)
+        result = _norms.instance_norm(
+            x, self.gamma, self.beta, eps=self.eps,
+            running_mean=self.running_mean if running else None,
+            running_var=self.running_var if running else None, training=own,
+            momentum=0.0 if self.momentum is None else self.momentum, stream=self.stream)
+        return self._remember(x, result, own)
+
+    def backward(self, dy):
+        """``dx`` for ``dy`` of the last forward; ``grads()`` then holds dgamma, dbeta."""
+        x, stats, own = self._last()
+        dx, dgamma, dbeta = _norms.instance_norm_backward(dy, x, stats, self.gamma,
+                                                          training=own, stream=self.stream)
+        self._store(dgamma, dbeta)
+        return dx
+
+
+class InstanceNorm1d(_InstanceNorm):
+    """``InstanceNorm`` for N×C×L inputs, as ``torch.nn.InstanceNorm1d`` (batched)."""
+
+    ranks = (3,)
+
+
+class InstanceNorm2d(_InstanceNorm):
+    """``InstanceNorm`` for N×C×H×W inputs, as ``torch.nn.InstanceNorm2d`` (batched)."""
+
+    ranks = (4,)
+
+
+class InstanceNorm3d(_InstanceNorm):
+    """``InstanceNorm`` for N×C×D×H×W inputs, as ``torch.nn.InstanceNorm3d`` (batched)."""
 
     ranks = (5,)
