@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # PARALLEL_MIN = 0 sends even these small shapes through the thread pool (the default runs them
 # on the calling thread); test_determinism checks that both give the same bits.
 CPU_SMALL_BLOCKS = {"CHUNK": 16, "TILE_ROWS": 3, "SEGMENT": 40, "COLUMN_BLOCK": 3,
-                    "PARALLEL_MIN": 0}
+                    "PARALLEL_MIN": 0, "NORM_BLOCKS": 3}
 # The same for the GPU kernels (fastbn.cuda): several blocks per channel and the grid-level
 # merge. Used under Numba's CUDA simulator only; a real GPU runs its default sizes.
 GPU_SMALL_BLOCKS = {"THREADS": 8, "COLUMNS": 4, "CHUNK": 20, "SEGMENT": 5, "TILE": 2}
