@@ -19,6 +19,8 @@ from _util import (
     numeric_grad,
     tol_for,
 )
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 import fastbn
 
@@ -537,3 +539,50 @@ def test_layers_load_pytorch_checkpoints_and_agree(rng):
             assert_close(ours(x), expected, 1e-4)
         for k, v in theirs.state_dict().items():
             assert_close(ours.state_dict()[k], v.numpy(), 1e-5)
+
+
+# -- hypothesis ----------------------------------------------------------------------------------
+
+
+@st.composite
+def _random_cases(draw):
+    name = draw(st.sampled_from(["layer", "rms", "group", "instance"]))
+    ndim = draw(st.integers(3 if name == "instance" else 2, 5))
+    shape = list(draw(st.lists(st.integers(1, 6), min_size=ndim, max_size=ndim)))
+    if name in ("layer", "rms"):
+        k = draw(st.integers(1, ndim - 1))
+        arg, kind = tuple(shape[ndim - k:]), "layer"
+    elif name == "group":
+        groups = draw(st.integers(1, 4))
+        shape[1] *= groups
+        arg, kind = groups, "group"
+    else:
+        arg, kind = None, "group"
+        assume(np.prod(shape[2:]) > 1)
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    scale = 10.0 ** draw(st.floats(-3, 3))
+    offset = draw(st.floats(-1e3, 1e3))  # in units of the spread
+    return Norm(name, tuple(shape), arg, kind), dtype, scale, offset, draw(st.integers(0, 2**32 - 1))
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(_random_cases())
+def test_random_shapes_offsets_and_scales(drawn):
+    case, dtype, scale, offset, seed = drawn
+    rng = np.random.default_rng(seed)
+    x = ((rng.standard_normal(case.shape) + offset) * scale).astype(dtype)
+    dy = rng.standard_normal(case.shape).astype(dtype)
+    gamma = rng.uniform(-2, 2, case.parameter_shape)
+    beta = rng.uniform(-2, 2, case.parameter_shape) if case.centred else None
+    tol = tol_for(dtype)
+    y, stats = case.forward(x, gamma, beta)
+    ref_y, ref_mean, _, ref_invstd = case.reference(x, gamma, beta)
+    assert_close(y, ref_y, tol)
+    assert_close(stats.invstd.reshape(-1), ref_invstd, tol)
+    dx, dgamma, dbeta = case.backward(dy, x, stats, gamma)
+    ref_dx, ref_dgamma, ref_dbeta = case.reference_backward(dy, x, ref_mean, ref_invstd, gamma)
+    assert_close(dx, ref_dx, tol)
+    assert_close(dgamma.reshape(-1), ref_dgamma, tol)
+    if case.centred:
+        assert_close(dbeta.reshape(-1), ref_dbeta, tol)
