@@ -20,9 +20,14 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import _outputs, cpu
 from ._arrays import call_steps, device_view, is_cuda_array
 from ._checks import (
+    _DEVICE_VARIABLE,
+    _ENVIRON,
     DATA_DTYPES,
+    _apart,
+    _lean_like,
     check_out,
     choose_device,
     data,
@@ -52,6 +57,9 @@ class NormStats(NamedTuple):
 
     mean: object
     invstd: object
+
+
+_new_tuple = tuple.__new__  # NormStats without NamedTuple's Python-level __new__
 
 
 class _Op(NamedTuple):
@@ -262,6 +270,117 @@ def _check_backward(dy, x, stats, grouping, gamma, out, device, stream, centred=
     return _Backward(device, op, dy, x, mean, invstd, gamma, grad_dtype, out)
 
 
+# -- the common call, recognized in a handful of operations (as fastbn._checks' lean path) ------
+
+
+def _lean_x(x, device):
+    """Whether x is a C-contiguous float32/float64 NumPy array computed on the CPU."""
+    return (type(x) is np.ndarray and x.dtype in DATA_DTYPES and x.flags.c_contiguous
+            and (device is None or device == "cpu") and _ENVIRON.get(_DEVICE_VARIABLE) is None)
+
+
+def _lean_parameter(a, shape):
+    """``a`` flat (float32 or float64, as it is: the kernels compute in float64 either way) if
+    None or a plain C-contiguous float array of ``shape``; False otherwise."""
+    if a is None:
+        return None
+    if type(a) is np.ndarray and a.shape == shape and a.dtype in DATA_DTYPES \
+            and a.flags.c_contiguous:
+        return a if a.ndim == 1 else a.reshape(-1)
+    return False
+
+
+def _lean_grouping(x, name, arg):
+    """``(rows, runs, groups, stats_shape, parameter_shape)`` of a lean call, or None."""
+    shape = x.shape
+    if name == "layer":
+        if type(arg) is int:
+            arg = (arg,)
+        elif type(arg) is not tuple:
+            return None
+        k = len(arg)
+        if not (0 < k <= len(shape) and shape[len(shape) - k:] == arg):
+            return None
+        size = math.prod(arg)
+        lead = shape[:len(shape) - k]
+        return (math.prod(lead), size, 1, lead, arg) if size else None
+    if len(shape) < 2:
+        return None
+    n, channels, spatial = shape[0], shape[1], math.prod(shape[2:])
+    groups = channels if name == "instance" else arg
+    if type(groups) is not int or groups < 1 or channels % groups or spatial < 1:
+        return None
+    if name == "instance" and (len(shape) < 3 or spatial < 2):
+        return None
+    return n * groups, channels // groups, groups, (n, groups), (channels,)
+
+
+def _lean_forward(name, x, arg, gamma, beta, eps, out, device, centred=True):
+    """The common forward call run in one compiled call: ``(y, NormStats)``, or None."""
+    if not (_lean_x(x, device) and type(eps) is float and 0.0 < eps < math.inf):
+        return None
+    grouping = _lean_grouping(x, name, arg)
+    if grouping is None:
+        return None
+    rows, runs, groups, stats_shape, parameter_shape = grouping
+    gamma = _lean_parameter(gamma, parameter_shape)
+    beta = _lean_parameter(beta, parameter_shape)
+    if gamma is False or beta is False:
+        return None
+    if out is None:
+        y = _outputs.empty(x.shape, x.dtype)
+    elif out is x or (_lean_like(out, x) and out.flags.writeable and _apart(out, x)):
+        y = out
+    else:
+        return None
+    parameters = groups * runs
+    stats = np.empty((3, rows))
+    cpu.norm_rows(x.reshape(rows, -1), y.reshape(rows, -1), runs, groups,
+                  cpu._constant(1.0, parameters) if gamma is None else gamma,
+                  cpu._constant(0.0, parameters) if beta is None else beta, eps, centred, stats)
+    return y, _new_tuple(NormStats, (stats[0].reshape(stats_shape) if centred else None,
+                                     stats[2].reshape(stats_shape)))
+
+
+def _lean_statistic(a, shape):
+    return (type(a) is np.ndarray and a.shape == shape and a.dtype == np.float64
+            and a.flags.c_contiguous)
+
+
+def _lean_backward(name, dy, x, stats, arg, gamma, out, device, training=True, centred=True):
+    """The common backward call run in one compiled call: ``(dx, dgamma, dbeta)``, or None."""
+    if not (_lean_x(x, device) and _lean_like(dy, x) and (training is True or training is False)
+            and type(stats) is NormStats):
+        return None
+    grouping = _lean_grouping(x, name, arg)
+    if grouping is None:
+        return None
+    rows, runs, groups, stats_shape, parameter_shape = grouping
+    mean, invstd = stats
+    if not (_lean_statistic(invstd, stats_shape)
+            and (_lean_statistic(mean, stats_shape) if centred else mean is None)):
+        return None
+    grad_dtype = x.dtype if gamma is None else getattr(gamma, "dtype", None)
+    gamma = _lean_parameter(gamma, parameter_shape)
+    if gamma is False:
+        return None
+    if out is None:
+        dx = _outputs.empty(x.shape, x.dtype)
+    elif out is x or out is dy or (_lean_like(out, x) and out.flags.writeable
+                                   and _apart(out, x) and _apart(out, dy)):
+        dx = out
+    else:
+        return None
+    parameters = groups * runs
+    grads = np.empty((2, parameters), grad_dtype)
+    cpu.norm_rows_backward(dy.reshape(rows, -1), x.reshape(rows, -1), dx.reshape(rows, -1), runs,
+                           groups, None if mean is None else mean.reshape(-1),
+                           invstd.reshape(-1),
+                           cpu._constant(1.0, parameters) if gamma is None else gamma, training,
+                           grads)
+    return dx, grads[0].reshape(parameter_shape), grads[1].reshape(parameter_shape)
+
+
 # -- running ------------------------------------------------------------------------------------
 
 
@@ -337,6 +456,9 @@ def layer_norm(x, normalized_shape, gamma=None, beta=None, *, eps=1e-5, out=None
     stats : NormStats
         float64 ``mean`` and ``invstd`` of shape ``x.shape[:-k]``, for ``layer_norm_backward``.
     """
+    lean = _lean_forward("layer", x, normalized_shape, gamma, beta, eps, out, device)
+    if lean is not None:
+        return lean
     call = _check_forward(x, lambda a: _layer_op(a, normalized_shape), gamma, beta,
                           eps_value(eps), out, device, stream)
     return _run_forward(call)[:2]
@@ -346,6 +468,9 @@ def layer_norm_backward(dy, x, stats, normalized_shape, gamma=None, *, out=None,
                         stream=None):
     """Gradients of ``layer_norm``: ``dx, dgamma, dbeta`` (dgamma, dbeta of normalized_shape, in
     gamma's dtype, x's without gamma). ``out`` (x's shape and dtype) may be dy or x."""
+    lean = _lean_backward("layer", dy, x, stats, normalized_shape, gamma, out, device)
+    if lean is not None:
+        return lean
     call = _check_backward(dy, x, stats, lambda a: _layer_op(a, normalized_shape,
                                                              "layer_norm_backward"),
                            gamma, out, device, stream)
@@ -373,6 +498,9 @@ def group_norm(x, num_groups, gamma=None, beta=None, *, eps=1e-5, out=None, devi
     stats : NormStats
         float64 ``mean`` and ``invstd`` of shape ``(N, num_groups)``.
     """
+    lean = _lean_forward("group", x, num_groups, gamma, beta, eps, out, device)
+    if lean is not None:
+        return lean
     call = _check_forward(x, lambda a: _group_op(a, num_groups), gamma, beta, eps_value(eps),
                           out, device, stream)
     return _run_forward(call)[:2]
@@ -381,6 +509,9 @@ def group_norm(x, num_groups, gamma=None, beta=None, *, eps=1e-5, out=None, devi
 def group_norm_backward(dy, x, stats, num_groups, gamma=None, *, out=None, device=None,
                         stream=None):
     """Gradients of ``group_norm``: ``dx, dgamma, dbeta`` (dgamma, dbeta of shape (C,))."""
+    lean = _lean_backward("group", dy, x, stats, num_groups, gamma, out, device)
+    if lean is not None:
+        return lean
     call = _check_backward(dy, x, stats, lambda a: _group_op(a, num_groups,
                                                              "group_norm_backward"),
                            gamma, out, device, stream)
@@ -413,6 +544,11 @@ def instance_norm(x, gamma=None, beta=None, *, eps=1e-5, running_mean=None, runn
         float64 ``mean`` and ``invstd`` of shape ``(N, C)``: each instance's, or the running
         statistics repeated for every sample in eval.
     """
+    if training is True and running_mean is None and running_var is None \
+            and type(momentum) is float and 0.0 <= momentum <= 1.0:
+        lean = _lean_forward("instance", x, None, gamma, beta, eps, out, device)
+        if lean is not None:
+            return lean
     training = flag("training", training)
     momentum = momentum_value(momentum)
     if (running_mean is None) != (running_var is None):
@@ -470,6 +606,9 @@ def instance_norm_backward(dy, x, stats, gamma=None, *, training=True, out=None,
                            stream=None):
     """Gradients of ``instance_norm``: ``dx, dgamma, dbeta`` (shape (C,)). ``training`` as the
     forward's: whether the gradient flows through each instance's statistics."""
+    lean = _lean_backward("instance", dy, x, stats, None, gamma, out, device, training)
+    if lean is not None:
+        return lean
     training = flag("training", training)
     call = _check_backward(dy, x, stats, lambda a: _instance_op(a, "instance_norm_backward"),
                            gamma, out, device, stream)
@@ -494,6 +633,11 @@ def rms_norm(x, normalized_shape, gamma=None, *, eps=None, out=None, device=None
         ``mean`` None, and the float64 ``invstd = 1/sqrt(mean(x²) + eps)`` of shape
         ``x.shape[:-k]``.
     """
+    if eps is None and type(x) is np.ndarray and x.dtype in DATA_DTYPES:
+        eps = float(np.finfo(x.dtype).eps)
+    lean = _lean_forward("layer", x, normalized_shape, gamma, None, eps, out, device, False)
+    if lean is not None:
+        return lean
     call = _check_forward(x, lambda a: _layer_op(a, normalized_shape, "rms_norm"), gamma, None,
                           eps, out, device, stream)
     return _run_forward(call, centred=False)[:2]
@@ -502,6 +646,10 @@ def rms_norm(x, normalized_shape, gamma=None, *, eps=None, out=None, device=None
 def rms_norm_backward(dy, x, stats, normalized_shape, gamma=None, *, out=None, device=None,
                       stream=None):
     """Gradients of ``rms_norm``: ``dx, dgamma`` (dgamma of normalized_shape)."""
+    lean = _lean_backward("layer", dy, x, stats, normalized_shape, gamma, out, device,
+                          centred=False)
+    if lean is not None:
+        return lean[:2]
     call = _check_backward(dy, x, stats, lambda a: _layer_op(a, normalized_shape,
                                                              "rms_norm_backward"),
                            gamma, out, device, stream, centred=False)

@@ -1287,29 +1287,40 @@ def _weighted_gradient_sums(dy_run, x_run, mean, weight):
 
 @njit(**_helper)
 def _row_moments(row, chunk):
-    """``(mean − s, M2)`` of a row about its first value ``s``, exactly: chunks of ``chunk``
-    values reduced in two passes (as ``_chunk_moments``), merged in order with ``chan``."""
-    shift = row[0]
+    """``(mean − s, M2)`` of a row about its first value ``s``, chunk by chunk (``chunk``
+    values, in cache), the chunks merged in order with ``chan``.
+
+    A chunk is reduced in one pass about ``s``, a value of the same row, and the result is kept
+    when ``Σd² ≤ 16·M2``: the shift then lies within four standard deviations of the chunk's
+    mean, so the cancellation in ``M2 = Σd² − (Σd)²/n`` costs at most four bits of float64
+    (far below float32's precision). Otherwise (an outlying first value, NaN) the chunk is
+    reduced again about its own mean, exactly, as ``_chunk_moments``. A constant row gives
+    ``M2 = 0`` and ``mean = s`` exactly.
+    """
+    shift = np.float64(row[0])
     n = 0.0
     delta = 0.0
     m2 = 0.0
     for i0 in range(0, row.size, chunk):
         run = row[i0:i0 + chunk]
         k = np.float64(run.size)
-        centre = shift + _sum_minus(run, shift) / k
-        sd, sdd = _sums_of_deviations(run, centre)
+        sd, sdd = _sums_of_deviations(run, shift)
         piece = sdd - sd * sd / k
-        n, delta, m2 = _chan(n, delta, m2, k, (centre - shift) + sd / k,
-                             0.0 if piece < 0.0 else piece)  # NaN passes
+        mean_d = sd / k
+        if not sdd <= 16.0 * piece:
+            centre = shift + mean_d
+            sd, sdd = _sums_of_deviations(run, centre)
+            piece = sdd - sd * sd / k
+            mean_d = (centre - shift) + sd / k
+        n, delta, m2 = _chan(n, delta, m2, k, mean_d, 0.0 if piece < 0.0 else piece)  # NaN passes
     return delta, m2
 
 
 @njit(fastmath=_MAP_MATH, **_helper)
-def _row_map(x, y, base, runs, shift, delta, invstd, gamma, beta):
+def _row_map(x, y, base, runs, run, shift, delta, invstd, gamma, beta):
     """``y = a·(x − shift) + (β − a·delta)``, ``a = γ·invstd``, along one row of ``runs`` runs
-    (each scaled by one parameter, from ``base`` on): a constant row (x = shift, delta = 0)
-    gives exactly β."""
-    run = x.size // runs
+    of ``run`` values (each run scaled by one parameter, from ``base`` on): a constant row
+    (x = shift, delta = 0) gives exactly β."""
     if run == 1:  # a parameter per value (layer and RMS norm): vectorized along the row
         for k in range(x.size):
             a = gamma[base + k] * invstd
@@ -1322,9 +1333,16 @@ def _row_map(x, y, base, runs, shift, delta, invstd, gamma, beta):
             y[i] = a * (x[i] - shift) + b
 
 
+@njit(**_helper)
+def _first_parameter(r, groups, runs):
+    """The parameter of row r's first run (no division where every row has the same)."""
+    return 0 if groups == 1 else (r % groups) * runs
+
+
 @_kernel
 def _rows_normalize(x2, y2, runs, groups, gamma, beta, eps, centred, stats, chunk):
     length = x2.shape[1]
+    run = length // runs
     for r in prange(x2.shape[0]):
         row = x2[r]
         if centred:
@@ -1335,7 +1353,8 @@ def _rows_normalize(x2, y2, runs, groups, gamma, beta, eps, centred, stats, chun
             shift = delta = 0.0
             var = _sum_of_squares(row) / length
         invstd = 1.0 / np.sqrt(var + eps)
-        _row_map(row, y2[r], (r % groups) * runs, runs, shift, delta, invstd, gamma, beta)
+        _row_map(row, y2[r], _first_parameter(r, groups, runs), runs, run, shift, delta, invstd,
+                 gamma, beta)
         stats[0, r] = shift + delta
         stats[1, r] = var
         stats[2, r] = invstd
@@ -1343,15 +1362,16 @@ def _rows_normalize(x2, y2, runs, groups, gamma, beta, eps, centred, stats, chun
 
 @_kernel
 def _rows_normalize_with(x2, y2, runs, groups, mean, invstd, gamma, beta):
+    run = x2.shape[1] // runs
     for r in prange(x2.shape[0]):
-        _row_map(x2[r], y2[r], (r % groups) * runs, runs, mean[r], 0.0, invstd[r], gamma, beta)
+        _row_map(x2[r], y2[r], _first_parameter(r, groups, runs), runs, run, mean[r], 0.0,
+                 invstd[r], gamma, beta)
 
 
 @njit(fastmath=_MAP_MATH, **_helper)
-def _row_gradient(dy, x, dx, base, runs, mean, p, q, r, gamma, dgamma, dbeta):
-    """``dx = γ·p·dy + q·(x − mean) + r`` along one row, and its ``Σdy·(x − mean)·p`` and ``Σdy``
-    added into ``dgamma``, ``dbeta`` per parameter."""
-    run = x.size // runs
+def _row_gradient(dy, x, dx, base, runs, run, mean, p, q, r, gamma, dgamma, dbeta):
+    """``dx = γ·p·dy + q·(x − mean) + r`` along one row (as ``_row_map``'s), and, for a
+    parameter per value, its ``Σdy·(x − mean)·p`` and ``Σdy`` added into ``dgamma``, ``dbeta``."""
     if run == 1:
         for k in range(x.size):
             g = np.float64(dy[k])
@@ -1377,7 +1397,7 @@ def _rows_normalize_backward(dy2, x2, dx2, runs, groups, mean, invstd, gamma, tr
         for c in range(dgamma.size):
             dgamma[c] = dbeta[c] = 0.0
         for r in range(block * rows_per_block, min((block + 1) * rows_per_block, rows)):
-            base = (r % groups) * runs
+            base = _first_parameter(r, groups, runs)
             centre = 0.0 if mean is None else mean[r]
             p = invstd[r]
             q = r0 = 0.0
@@ -1397,15 +1417,13 @@ def _rows_normalize_backward(dy2, x2, dx2, runs, groups, mean, invstd, gamma, tr
                 if training:
                     q = -p * p * p * b / length
                     r0 = 0.0 if mean is None else -p * a / length
-            _row_gradient(dy2[r], x2[r], dx2[r], base, runs, centre, p, q, r0, gamma,
+            _row_gradient(dy2[r], x2[r], dx2[r], base, runs, run, centre, p, q, r0, gamma,
                           dgamma, dbeta)
 
 
 @_step
-def _group_forward(x2, y2, runs, groups, gamma, beta, eps, centred, chunk):
-    stats = np.empty((3, x2.shape[0]))
+def _group_forward(x2, y2, runs, groups, gamma, beta, eps, centred, stats, chunk):
     _rows_normalize(x2, y2, runs, groups, gamma, beta, eps, centred, stats, chunk)
-    return stats
 
 
 @_step
@@ -1414,14 +1432,14 @@ def _group_normalize_with(x2, y2, runs, groups, mean, invstd, gamma, beta):
 
 
 @_step
-def _group_backward(dy2, x2, dx2, runs, groups, mean, invstd, gamma, training, parameters,
-                    blocks):
+def _group_backward(dy2, x2, dx2, runs, groups, mean, invstd, gamma, training, grads, blocks):
     rows = x2.shape[0]
     per_block = max(1, (rows + blocks - 1) // blocks)  # from the shape alone: fixed sums
-    partials = np.empty((2, (rows + per_block - 1) // per_block, parameters))
+    partials = np.empty((2, (rows + per_block - 1) // per_block, grads.shape[1]))
     _rows_normalize_backward(dy2, x2, dx2, runs, groups, mean, invstd, gamma, training,
                              per_block, partials)
-    return _add_partials(partials)
+    total = _add_partials(partials)
+    _store_rows(grads, total[0], total[1])
 
 
 # -- whole ops in one compiled call: the lean path of fastbn.forward and fastbn.backward --------
@@ -1656,12 +1674,12 @@ def _as_rows(a3):
 def group_forward(x3, y3, groups, gamma, beta, eps, centred):
     """Per-row statistics of ``x3`` and the map into ``y3``: ``(mean, var, invstd)``.
 
-    ``centred``: mean and biased variance, exactly (about each row's first value, chunk moments
-    merged in order), ``y = γ·(x − μ)·invstd + β`` applied as ``a·(x − s) + (β − a·δ)``.
-    Otherwise (RMS norm) ``var`` is the mean square, ``y = γ·x·invstd`` and ``mean`` is None.
+    ``centred``: mean and biased variance (about each row's first value, ``_row_moments``),
+    ``y = γ·(x − μ)·invstd + β`` applied as ``a·(x − s) + (β − a·δ)``. Otherwise (RMS norm)
+    ``var`` is the mean square, ``y = γ·x·invstd`` and ``mean`` is None.
     """
-    stats = _group_forward(_as_rows(x3), _as_rows(y3), x3.shape[1], groups, gamma, beta, eps,
-                           centred, CHUNK)
+    stats = np.empty((3, x3.shape[0]))
+    norm_rows(_as_rows(x3), _as_rows(y3), x3.shape[1], groups, gamma, beta, eps, centred, stats)
     return (stats[0] if centred else None), stats[1], stats[2]
 
 
@@ -1683,6 +1701,21 @@ def group_backward(dy3, x3, dx3, groups, mean, invstd, gamma, training):
     with ``p = γ·invstd``, ``q = −invstd³·Σγdy(x − μ)/L``, ``r = −invstd·Σγdy/L`` (``μ`` and ``r``
     0 when ``mean`` is None, RMS norm); otherwise ``dx = p·dy``.
     """
-    sums = _group_backward(_as_rows(dy3), _as_rows(x3), _as_rows(dx3), x3.shape[1], groups,
-                           mean, invstd, gamma, training, groups * x3.shape[1], NORM_BLOCKS)
-    return sums[0], sums[1]
+    grads = np.empty((2, groups * x3.shape[1]))
+    norm_rows_backward(_as_rows(dy3), _as_rows(x3), _as_rows(dx3), x3.shape[1], groups, mean,
+                       invstd, gamma, training, grads)
+    return grads[0], grads[1]
+
+
+# The family's whole ops in one compiled call each, for fastbn._norms' lean path (and the steps
+# above): rows ``x2`` of ``runs`` runs, statistics written into ``stats`` (3, rows), the parameter
+# gradients into ``grads`` (2, parameters) in its dtype.
+
+
+def norm_rows(x2, y2, runs, groups, gamma, beta, eps, centred, stats):
+    _group_forward(x2, y2, runs, groups, gamma, beta, eps, centred, stats, CHUNK)
+
+
+def norm_rows_backward(dy2, x2, dx2, runs, groups, mean, invstd, gamma, training, grads):
+    _group_backward(dy2, x2, dx2, runs, groups, mean, invstd, gamma, training, grads,
+                    NORM_BLOCKS)
