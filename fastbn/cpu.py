@@ -1279,7 +1279,7 @@ def _weighted_gradient_sums(dy_run, x_run, mean, weight):
     s = 0.0
     sx = 0.0
     for i in range(dy_run.size):
-        g = weight[i] * dy_run[i]
+        g = np.float64(weight[i]) * dy_run[i]  # in float64 whatever the dtypes
         s += g
         sx += g * (x_run[i] - mean)
     return s, sx
