@@ -23,20 +23,24 @@ FUSED_OPS = ("fwd", "fwd+bwd")
 FUSED_LABELS = {"fastbn-fused": "fused", "fastbn-unfused": "unfused", "torch": "PyTorch",
                 "fastbn-plain": "plain BN"}
 NONE = "–"
+# The normalization family's benchmarks (bench/test_bench_norms.py): its passes.
+NORM_OPS = ("fwd", "bwd")
 FLAG = "*"  # after a peer's figure: its result failed the check against NumPy in float64
 
 
 def load(path):
-    """``(results, times, nbytes, latency, invalid, fused)``: the JSON; per bandwidth group
+    """``(results, times, nbytes, latency, invalid, fused, norms)``: the JSON; per bandwidth group
     ``(op, layout, shape)`` the fastest time of each implementation in seconds and the bytes the
     op moves, in table order; per latency group ``(layout, shape, op)`` each implementation's
     median time in seconds, in the order of the run; the ``(group, implementation)`` pairs whose
     result failed the check (peers only: they are timed all the same); per group of the fused
     op (``bench/test_bench_fused.py``) ``(op, layout, shape)``, ``{"bytes": the bytes it moves,
-    implementation: its fastest time}``, in the order of the run."""
+    implementation: its fastest time}``, in the order of the run; per group of the normalization
+    family (``bench/test_bench_norms.py``) ``(op, pass, shape)``, the same, and ``"invalid"``: the
+    implementations whose result failed the check, in the order of the run."""
     with open(path) as f:
         results = json.load(f)
-    times, nbytes, latency, invalid, fused = {}, {}, {}, set(), {}
+    times, nbytes, latency, invalid, fused, norms = {}, {}, {}, set(), {}, {}
     for bench in results["benchmarks"]:
         info = bench["extra_info"]
         if info.get("kind") == "latency":
@@ -48,6 +52,13 @@ def load(path):
                                      {"bytes": info["bytes"]})
             group[info["impl"]] = bench["stats"]["min"]
             continue
+        if info.get("kind") == "norm":
+            group = norms.setdefault((info["norm"], info["op"], info["shape"]),
+                                     {"bytes": info["bytes"], "invalid": set()})
+            group[info["impl"]] = bench["stats"]["min"]
+            if info.get("valid") is False:
+                group["invalid"].add(info["impl"])
+            continue
         key = info["op"], info["layout"], info["shape"]
         times.setdefault(key, {})[info["impl"]] = bench["stats"]["min"]
         nbytes[key] = info["bytes"]
@@ -57,7 +68,7 @@ def load(path):
     order = sorted(times, key=lambda key: OPS.index(key[0]) if key[0] in OPS else len(OPS))
     fused = dict(sorted(fused.items(), key=lambda item: FUSED_OPS.index(item[0][0])
                         if item[0][0] in FUSED_OPS else len(FUSED_OPS)))
-    return results, {key: times[key] for key in order}, nbytes, latency, invalid, fused
+    return results, {key: times[key] for key in order}, nbytes, latency, invalid, fused, norms
 
 
 def yardstick(impls):
@@ -202,6 +213,42 @@ def fused_markdown(fused, threads="?"):
     return "\n".join(lines) + "\n"
 
 
+def norm_markdown(norms, threads="?"):
+    """The table of the normalization family: one row per op × pass × shape."""
+    peers = [name for name in PEERS if any(name in impls for impls in norms.values())]
+    lines = [
+        ("The normalization family (`bench/test_bench_norms.py`): layer and RMS norm over the "
+         "last axis, group norm (G = 32) and instance norm over N×C×H×W; fwd is the forward "
+         "(training statistics), bwd the backward given the forward's statistics "
+         "(`fastbn.layer_norm_backward`, ...). fastbn writes into used arrays (`out=`). "
+         "Peers: PyTorch's eager ops (`torch.nn.functional`; the backward: its ATen gradient "
+         "ops for layer and group norm, autograd for instance and RMS norm), JAX and "
+         "TensorFlow the op written from their array ops (jitted, `tf.function`; the backward "
+         "from the saved statistics), ONNX Runtime the op's ONNX operator (forward only). "
+         "Times are the minimum over each benchmark's rounds. × copy: time over that of the "
+         f"fastest plain copy of x (the faster of `np.copyto` and a copy on Numba's {threads} "
+         "threads). GB/s: the bytes the pass must move at the least (x and y; dy, x and dx) "
+         "over fastbn's time. *peer* ÷ fastbn: how many times faster fastbn is than that peer. "
+         f"{FLAG}: that result failed the check against the float64 reference (timed all the "
+         "same); –: not installed, or no such pass."),
+        "",
+        "| op | pass | shape | fastbn ms | GB/s | fastbn × copy | " + " | ".join(
+            f"{LABELS[name]} ÷ fastbn" for name in peers) + " | copy |",
+        "|---|---|---|" + "---:|" * (len(peers) + 4),
+    ]
+    for key, impls in norms.items():
+        ours, copy = impls.get("fastbn"), yardstick(impls)
+        cells = [*key, _ms(ours) if ours is not None else NONE,
+                 _number(impls["bytes"] / ours / 1e9) if ours is not None else NONE,
+                 _ratio(ours, copy)]
+        cells += [_ratio(impls.get(name), ours) + (FLAG if name in impls["invalid"] else "")
+                  for name in peers]
+        faster = min((name for name in COPIES if name in impls), key=impls.get, default=None)
+        cells.append({"memcpy": "np.copyto", "copy": f"{threads} threads"}.get(faster, NONE))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def chart(results, times, path, invalid=frozenset()):
     """Each implementation's time as a multiple of the fastest copy's, a bar per group, into
     ``path``."""
@@ -250,8 +297,8 @@ def main(argv=None):
     parser.add_argument("--png", metavar="OUT.png", help="draw the chart here (needs matplotlib)")
     args = parser.parse_args(argv)
 
-    results, times, nbytes, latency, invalid, fused = load(args.results)
-    if not (times or latency or fused):
+    results, times, nbytes, latency, invalid, fused, norms = load(args.results)
+    if not (times or latency or fused or norms):
         parser.error(f"{args.results} holds no benchmarks (was it run with --benchmark-disable?)")
     text = (markdown(results, times, nbytes, invalid) if times else
             "\n".join(describe(results)) + "\n")
@@ -260,6 +307,9 @@ def main(argv=None):
     if fused:
         threads = results.get("machine_info", {}).get("threads", "?")
         text += "\n" + fused_markdown(fused, threads)
+    if norms:
+        threads = results.get("machine_info", {}).get("threads", "?")
+        text += "\n" + norm_markdown(norms, threads)
     if args.png and times:
         chart(results, times, args.png, invalid)
         if args.markdown:

@@ -120,6 +120,17 @@ class JaxBatchNorm:
         return np.asarray(result)
 
 
+def _tensorflow_threads(tf):
+    """TensorFlow on as many threads as Numba, where it has not started yet."""
+    threads = numba.get_num_threads()
+    if tf.config.threading.get_intra_op_parallelism_threads() != threads:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+        except RuntimeError:  # TensorFlow has already started: it keeps its thread count
+            pass
+
+
 class TensorFlowBatchNorm:
     """TensorFlow's fused batch norm (``FusedBatchNormV3`` and its gradient, oneDNN kernels on
     x86), in ``tf.function`` graphs. N×D runs as N×1×1×D channels-last, N×C×L as N×C×L×1; the
@@ -133,13 +144,7 @@ class TensorFlowBatchNorm:
                               "only")
         import tensorflow as tf
 
-        threads = numba.get_num_threads()
-        if tf.config.threading.get_intra_op_parallelism_threads() != threads:
-            try:
-                tf.config.threading.set_intra_op_parallelism_threads(threads)
-                tf.config.threading.set_inter_op_parallelism_threads(1)
-            except RuntimeError:  # TensorFlow has already started: it keeps its thread count
-                pass
+        _tensorflow_threads(tf)
         axis %= x.ndim
         shape = x.shape
         if x.ndim == 2:
@@ -248,6 +253,272 @@ class OnnxRuntimeBatchNorm:
                       "var": running_var}
 
     def eval_forward(self):
+        return self._session.run(None, self._feed)[0]
+
+    @staticmethod
+    def numpy(result):
+        return result
+
+
+# -- the normalization family: layer, group, instance and RMS norm ------------------------------
+#
+# Each peer runs one op of the family (a ``fastbn.cases.Norm``) on a ``fastbn.cases.NormCase``'s
+# arrays: ``forward()`` returns y, ``backward()`` the gradients (dx, dgamma, dbeta; RMS norm has
+# no dbeta) given the statistics of a forward run once when the peer is made, and
+# ``numpy(result)`` one of them as a NumPy array. ``OPS`` lists the calls a peer has.
+
+FORWARD, BACKWARD = "forward", "backward"
+
+
+def make_norm(name, case, eps):
+    """Peer ``name`` (a key of LABELS) running ``case.norm`` on ``case``'s arrays (a
+    ``fastbn.cases.NormCase``); raises Unavailable."""
+    peer = {"torch": TorchNorm, "jax": JaxNorm, "tensorflow": TensorFlowNorm,
+            "onnxruntime": OnnxRuntimeNorm}[name]
+    try:
+        return peer(case.norm, case.x, case.dy, case.gamma, case.beta, eps)
+    except ImportError as error:
+        extra = "bench" if name == "torch" else "peers"
+        raise Unavailable(f"{LABELS[name]} is not installed ({error.name}; pip install -e "
+                          f"\".[{extra}]\")") from None
+
+
+class TorchNorm:
+    """PyTorch's eager ops on zero-copy views of the arrays, on as many threads as Numba.
+
+    Forward: ``torch.nn.functional``'s ``layer_norm``, ``group_norm``, ``instance_norm``,
+    ``rms_norm``. Backward: layer and group norm's ATen gradient ops, which autograd calls
+    (``native_layer_norm_backward``, ``native_group_norm_backward``), without autograd's
+    bookkeeping; instance and RMS norm have none of their own (``instance_norm`` runs as batch
+    norm on 1×(N·C)×spatial, ``rms_norm`` as elementwise ops), so their backward is autograd's
+    on a graph kept from one forward (``torch.autograd.grad(..., retain_graph=True)``).
+    """
+
+    OPS = (FORWARD, BACKWARD)
+
+    def __init__(self, norm, x, dy, gamma, beta, eps):
+        import torch
+        import torch.nn.functional as F
+
+        torch.set_num_threads(numba.get_num_threads())
+        aten = torch.ops.aten
+        tx, tdy, tgamma = torch.from_numpy(x), torch.from_numpy(dy), torch.from_numpy(gamma)
+        tbeta = None if beta is None else torch.from_numpy(beta)
+        normalized = list(x.shape[-1:])
+        if norm.function == "layer_norm":
+            self._forward = lambda: F.layer_norm(tx, normalized, tgamma, tbeta, eps)
+            _, mean, rstd = aten.native_layer_norm(tx, normalized, tgamma, tbeta, eps)
+            self._backward = lambda: aten.native_layer_norm_backward(
+                tdy, tx, normalized, mean, rstd, tgamma, tbeta, [True] * 3)
+        elif norm.function == "group_norm":
+            n, c, spatial, groups = x.shape[0], x.shape[1], int(np.prod(x.shape[2:])), norm.groups
+            self._forward = lambda: F.group_norm(tx, groups, tgamma, tbeta, eps)
+            _, mean, rstd = aten.native_group_norm(tx, tgamma, tbeta, n, c, spatial, groups, eps)
+            self._backward = lambda: aten.native_group_norm_backward(
+                tdy, tx, mean, rstd, tgamma, n, c, spatial, groups, [True] * 3)
+        else:
+            if norm.function == "instance_norm":
+                def forward(x, gamma, beta):
+                    return F.instance_norm(x, weight=gamma, bias=beta, eps=eps)
+            else:
+                def forward(x, gamma, beta):
+                    return F.rms_norm(x, normalized, gamma, eps)
+            self._forward = lambda: forward(tx, tgamma, tbeta)
+            # Leaves of their own (sharing the arrays' memory) for the graph autograd keeps.
+            leaves = [torch.from_numpy(a).requires_grad_()
+                      for a in (x, gamma, beta) if a is not None]
+            y = forward(*leaves, *([None] if beta is None else []))
+            self._backward = lambda: torch.autograd.grad(y, leaves, tdy, retain_graph=True)
+
+    def forward(self):
+        return self._forward()
+
+    def backward(self):
+        return tuple(self._backward())
+
+    @staticmethod
+    def numpy(result):
+        return result.detach().numpy()
+
+
+def _norm_shapes(norm, x):
+    """``(view, parameters)``: x's shape as ``(rows, groups, P, S)``, and the shape that
+    broadcasts gamma and beta over it."""
+    view = norm.view(x.shape)
+    return view, (1, view[1], view[2], 1)
+
+
+class JaxNorm:
+    """JAX (XLA on the CPU): forward and backward each one jitted function, written from jnp ops
+    on x seen as ``(rows, groups, P, S)`` (statistics over the last two axes), the backward
+    from the saved statistics as PyTorch's is (not autodiff, which would redo the forward)."""
+
+    OPS = (FORWARD, BACKWARD)
+
+    def __init__(self, norm, x, dy, gamma, beta, eps):
+        import jax
+        import jax.numpy as jnp
+
+        if x.dtype == np.float64:  # JAX rounds float64 input to float32 unless told otherwise
+            jax.config.update("jax_enable_x64", True)
+        shape, (view, parameters) = x.shape, _norm_shapes(norm, x)
+        axes, centred = (2, 3), norm.centred
+
+        def statistics(x):
+            x = x.reshape(view)
+            if not centred:
+                return None, jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=axes, keepdims=True)
+                                           + eps)
+            mean = jnp.mean(x, axis=axes, keepdims=True)
+            var = jnp.mean(jnp.square(x - mean), axis=axes, keepdims=True)
+            return mean, jax.lax.rsqrt(var + eps)
+
+        def normalized(x, mean, invstd):
+            return (x - mean) * invstd if centred else x * invstd
+
+        def forward(x, gamma, beta):
+            y = normalized(x.reshape(view), *statistics(x)) * gamma.reshape(parameters)
+            if centred:
+                y = y + beta.reshape(parameters)
+            return y.reshape(shape)
+
+        def backward(dy, x, gamma, mean, invstd):
+            dy = dy.reshape(view)
+            xhat = normalized(x.reshape(view), mean, invstd)
+            g = dy * gamma.reshape(parameters)
+            dgamma = jnp.sum(dy * xhat, axis=(0, 3)).reshape(gamma.shape)
+            dx = g - xhat * jnp.mean(g * xhat, axis=axes, keepdims=True)
+            if not centred:
+                return (invstd * dx).reshape(shape), dgamma
+            dx = dx - jnp.mean(g, axis=axes, keepdims=True)
+            return ((invstd * dx).reshape(shape), dgamma,
+                    jnp.sum(dy, axis=(0, 3)).reshape(gamma.shape))
+
+        put = jax.device_put
+        self.x, self.dy, self.gamma = put(x), put(dy), put(gamma)
+        self.beta = None if beta is None else put(beta)
+        self._forward, self._backward = jax.jit(forward), jax.jit(backward)
+        self.mean, self.invstd = jax.jit(statistics)(self.x)
+
+    def forward(self):
+        return self._forward(self.x, self.gamma, self.beta).block_until_ready()
+
+    def backward(self):
+        results = self._backward(self.dy, self.x, self.gamma, self.mean, self.invstd)
+        return tuple(r.block_until_ready() for r in results)
+
+    @staticmethod
+    def numpy(result):
+        return np.asarray(result)
+
+
+class TensorFlowNorm:
+    """TensorFlow: the same formulas as :class:`JaxNorm` from TensorFlow's ops, in
+    ``tf.function`` graphs (TensorFlow has no fused kernel for these norms: Keras's
+    ``LayerNormalization`` and ``GroupNormalization`` are ops like these)."""
+
+    OPS = (FORWARD, BACKWARD)
+
+    def __init__(self, norm, x, dy, gamma, beta, eps):
+        import tensorflow as tf
+
+        _tensorflow_threads(tf)
+        shape, (view, parameters) = x.shape, _norm_shapes(norm, x)
+        axes, centred = [2, 3], norm.centred
+
+        def statistics(x):
+            x = tf.reshape(x, view)
+            if not centred:
+                square = tf.reduce_mean(tf.square(x), axis=axes, keepdims=True)
+                return (tf.math.rsqrt(square + eps),)
+            mean = tf.reduce_mean(x, axis=axes, keepdims=True)
+            var = tf.reduce_mean(tf.square(x - mean), axis=axes, keepdims=True)
+            return tf.math.rsqrt(var + eps), mean
+
+        def normalized(x, invstd, mean=None):
+            return (x - mean) * invstd if centred else x * invstd
+
+        @tf.function
+        def forward(x, gamma, *beta):
+            y = normalized(tf.reshape(x, view), *statistics(x)) * tf.reshape(gamma, parameters)
+            if centred:
+                y = y + tf.reshape(beta[0], parameters)
+            return tf.reshape(y, shape)
+
+        @tf.function
+        def backward(dy, x, gamma, invstd, *mean):
+            dy = tf.reshape(dy, view)
+            xhat = normalized(tf.reshape(x, view), invstd, *mean)
+            g = dy * tf.reshape(gamma, parameters)
+            dgamma = tf.reshape(tf.reduce_sum(dy * xhat, axis=[0, 3]), gamma.shape)
+            dx = g - xhat * tf.reduce_mean(g * xhat, axis=axes, keepdims=True)
+            if not centred:
+                return tf.reshape(invstd * dx, shape), dgamma
+            dx = dx - tf.reduce_mean(g, axis=axes, keepdims=True)
+            return (tf.reshape(invstd * dx, shape), dgamma,
+                    tf.reshape(tf.reduce_sum(dy, axis=[0, 3]), gamma.shape))
+
+        constant = tf.constant
+        self.x, self.dy, self.gamma = constant(x), constant(dy), constant(gamma)
+        self.beta = () if beta is None else (constant(beta),)
+        self._forward, self._backward = forward, backward
+        self._statistics = tf.function(statistics)(self.x)  # (invstd, mean) or (invstd,)
+
+    def forward(self):
+        return self._forward(self.x, self.gamma, *self.beta)
+
+    def backward(self):
+        return tuple(self._backward(self.dy, self.x, self.gamma, *self._statistics))
+
+    @staticmethod
+    def numpy(result):
+        return result.numpy()
+
+
+# Each op's ONNX operator, and the opset that has it as the family computes it.
+_ONNX_NORMS = {"layer_norm": ("LayerNormalization", 17), "rms_norm": ("RMSNormalization", 23),
+               "group_norm": ("GroupNormalization", 21),
+               "instance_norm": ("InstanceNormalization", 15)}
+
+
+class OnnxRuntimeNorm:
+    """ONNX Runtime (an inference runtime: forward only): a model of the op's own ONNX operator,
+    ``LayerNormalization`` (opset 17), ``GroupNormalization`` (21: per-channel scale),
+    ``InstanceNormalization`` or ``RMSNormalization`` (23), in an inference session."""
+
+    OPS = (FORWARD,)
+
+    def __init__(self, norm, x, dy, gamma, beta, eps):
+        import onnx
+        import onnxruntime
+        from onnx import TensorProto, helper
+
+        operator, opset = _ONNX_NORMS[norm.function]
+        attributes = {"epsilon": eps}
+        if norm.function in ("layer_norm", "rms_norm"):
+            attributes["axis"] = -1
+        elif norm.function == "group_norm":
+            attributes["num_groups"] = norm.groups
+        element = TensorProto.FLOAT if x.dtype == np.float32 else TensorProto.DOUBLE
+        self._feed = {"x": x, "scale": gamma, **({} if beta is None else {"bias": beta})}
+        inputs = [helper.make_tensor_value_info(name, element, list(a.shape))
+                  for name, a in self._feed.items()]
+        graph = helper.make_graph(
+            [helper.make_node(operator, list(self._feed), ["y"], **attributes)], operator,
+            inputs, [helper.make_tensor_value_info("y", element, list(x.shape))])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        onnx.checker.check_model(model)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = numba.get_num_threads()
+        options.inter_op_num_threads = 1
+        try:
+            self._session = onnxruntime.InferenceSession(model.SerializeToString(), options,
+                                                         providers=["CPUExecutionProvider"])
+        except Exception as error:  # e.g. no kernel for this operator and dtype
+            raise Unavailable(f"ONNX Runtime cannot run {operator} on {x.dtype}: {error}") \
+                from None
+
+    def forward(self):
         return self._session.run(None, self._feed)[0]
 
     @staticmethod

@@ -5,7 +5,8 @@ enough that the multi-chunk paths run once the tests shrink the block sizes), a 
 quick timing on any machine, the shapes the benchmark suite (``bench/``) times for bandwidth, and
 the small shapes of NumPy trainers that it times for latency (per-call overhead). Each op
 (``OPS``) names the bytes it moves and its fastbn, NumPy and PyTorch calls on a :class:`Case`,
-the arrays of one shape on the CPU or the GPU.
+the arrays of one shape on the CPU or the GPU. ``FAMILY`` does the same for the normalization
+family (layer, RMS, group and instance norm: :class:`Norm`, :class:`NormCase`).
 """
 from types import SimpleNamespace
 from typing import Callable, NamedTuple
@@ -260,3 +261,143 @@ def torch_batch_norm(case):
         return peer(case, "torch")
     except _peers.Unavailable:
         return None
+
+
+# -- the normalization family: layer, group, instance and RMS norm ------------------------------
+
+
+class Norm(NamedTuple):
+    """One op of the normalization family (``fastbn.layer_norm``, ``group_norm``,
+    ``instance_norm``, ``rms_norm`` and their ``*_backward``), with its shapes: a small one for
+    tests, the shapes the benchmark suite times for bandwidth and the trainer-sized ones.
+
+    Every op takes statistics per row of x (C-contiguous) seen as ``(rows, groups, P, S)``, over
+    a row's ``P·S`` contiguous values, and scales element ``(r, g, p, s)`` by parameter
+    ``g·P + p`` (:meth:`view`): layer and RMS norm normalize the last axis (``groups`` 1, ``P``
+    its length, ``S`` 1), group norm ``(N, G, C/G, spatial)``, instance norm
+    ``(N, C, 1, spatial)``. RMS norm divides by the root mean square, without centring or beta.
+    """
+    name: str  # "layer norm", ...: the benchmarks' and the report's
+    function: str  # fastbn's: layer_norm, ...; the backward is function + "_backward"
+    small: tuple  # for tests and `pytest bench --bench-quick`
+    bench: tuple = ()  # for `pytest bench`: bandwidth
+    latency: tuple = ()  # and the small tensors of NumPy trainers: per-call overhead
+    groups: int = 0  # group norm's G (0: not group norm)
+    centred: bool = True  # False for RMS norm: x / sqrt(mean(x²) + eps), no beta
+
+    @property
+    def channels(self):
+        """True where x is N×C×spatial (group and instance norm), False where the op normalizes
+        the last axis (layer and RMS norm)."""
+        return self.function in ("group_norm", "instance_norm")
+
+    def view(self, shape):
+        """``(rows, groups, P, S)``: x's shape as the op groups its values."""
+        if not self.channels:
+            return (int(np.prod(shape[:-1])), 1, shape[-1], 1)
+        n, c, spatial = shape[0], shape[1], int(np.prod(shape[2:]))
+        groups = self.groups or c
+        return (n, groups, c // groups, spatial)
+
+    def parameter_shape(self, shape):
+        """The shape of gamma (and beta): normalized_shape, or (C,)."""
+        return (shape[1],) if self.channels else (shape[-1],)
+
+    def stats_shape(self, shape):
+        """The shape of the statistics fastbn returns (``NormStats``' mean and invstd)."""
+        view = self.view(shape)
+        return tuple(shape[:-1]) if not self.channels else (view[0], view[1])
+
+    def outputs(self, backward):
+        """The names of what a forward (or backward) call returns."""
+        if not backward:
+            return ("y",)
+        return ("dx", "dgamma", "dbeta") if self.centred else ("dx", "dgamma")
+
+
+_NCHW = next(layout for layout in LAYOUTS if layout.name == "NCHW")
+GROUPS = 32  # group norm's G in the tables: the usual one (ResNet and diffusion-model blocks)
+
+FAMILY = (
+    Norm("layer norm", "layer_norm", (5, 3, 29),
+         bench=((8192, 1024), (4096, 768), (64, 128, 768)), latency=((64, 100), (32, 16, 64))),
+    Norm("RMS norm", "rms_norm", (5, 3, 29),
+         bench=((8192, 1024), (4096, 768), (64, 128, 768)), latency=((64, 100), (32, 16, 64)),
+         centred=False),
+    # Group norm on the planar bench shapes whose C is a multiple of G.
+    Norm("group norm", "group_norm", (3, 64, 5, 7),
+         bench=tuple(s for s in _NCHW.bench if s[1] % GROUPS == 0),
+         latency=((32, 32, 16, 16),), groups=GROUPS),
+    Norm("instance norm", "instance_norm", _NCHW.small, bench=_NCHW.bench,
+         latency=((32, 16, 8, 8),)),
+)
+
+
+class NormCase:
+    """The arrays of one op of the family on one shape (CPU), and fastbn's calls on them.
+
+    x is ``2·N(0, 1) + 3`` like :class:`Case`'s, dy standard normal, gamma uniform in
+    [0.5, 1.5] and beta normal, of the op's parameter shape (RMS norm has no beta: None);
+    ``out`` and ``dx`` are the used outputs that fastbn's timed calls write into."""
+
+    ARRAYS = ("x", "dy", "gamma", "beta")
+
+    def __init__(self, norm, shape, dtype):
+        rng = np.random.default_rng(0)
+        self.norm, self.shape = norm, tuple(shape)
+        x = rng.standard_normal(shape, dtype)
+        x *= 2  # in place: no temporary the size of x
+        x += 3
+        parameters = norm.parameter_shape(shape)
+        self.x, self.dy = x, rng.standard_normal(shape, dtype)
+        self.gamma = rng.uniform(0.5, 1.5, parameters).astype(dtype)
+        self.beta = rng.normal(size=parameters).astype(dtype) if norm.centred else None
+        self.out, self.dx = np.empty_like(x), np.empty_like(x)
+
+    def _arguments(self):
+        """fastbn's positional arguments after x (or after dy, x, stats for the backward)."""
+        if self.norm.function == "group_norm":
+            return (self.norm.groups,)
+        if self.norm.function == "instance_norm":
+            return ()
+        return (self.shape[-1:],)  # normalized_shape: the last axis
+
+    def forward(self, out=None):
+        """fastbn's forward: ``(y, stats)``."""
+        function = getattr(fastbn, self.norm.function)
+        beta = (self.beta,) if self.norm.centred else ()
+        return function(self.x, *self._arguments(), self.gamma, *beta, eps=EPS, out=out)
+
+    def backward(self, stats, out=None):
+        """fastbn's backward from the forward's ``stats``: ``(dx, dgamma[, dbeta])``."""
+        function = getattr(fastbn, self.norm.function + "_backward")
+        return function(self.dy, self.x, stats, *self._arguments(), self.gamma, out=out)
+
+    def fastbn_forward(self):
+        """The call to time: fastbn's forward into ``out``; returns ``(y,)``."""
+        out = self.out
+        return lambda: (self.forward(out)[0],)
+
+    def fastbn_backward(self):
+        """The call to time: fastbn's backward into ``dx``, given the forward's statistics
+        (computed once, here)."""
+        _, stats = self.forward()
+        dx = self.dx
+        return lambda: tuple(self.backward(stats, dx))
+
+    def memcpy(self):
+        """``np.copyto`` of x into ``out`` (one thread)."""
+        x, out = self.x, self.out
+        return lambda: np.copyto(out, x)
+
+    def threaded_copy(self):
+        """A copy of x into ``out`` on Numba's threads (:func:`threaded_copy`)."""
+        x, out = self.x, self.out
+        threaded_copy(x, out)  # compiled (or loaded from the cache) before it is timed
+        return lambda: threaded_copy(x, out)
+
+
+def norm_peer(case, name):
+    """Peer ``name`` (one of PEERS) running ``case``'s op (a :class:`NormCase`); raises
+    ``fastbn._peers.Unavailable`` with the reason where it cannot run here."""
+    return _peers.make_norm(name, case, EPS)

@@ -7,16 +7,18 @@ import numba
 import numpy as np
 import pytest
 
-from fastbn.cases import LAYOUTS, OPS, Case
+from fastbn.cases import FAMILY, LAYOUTS, OPS, PEERS, Case
 
 from _util import ROOT, run_python
 
 
 def test_quick_run_and_report(tmp_path):
     results = tmp_path / "r.json"
-    # Seconds with the Numba cache warm; a cold cache compiles every kernel first.
+    # Seconds with the Numba cache warm; a cold cache compiles every kernel first. The
+    # normalization family's group has its own quick run (test_norms_quick_run_and_report).
     run_python("-m", "pytest", "bench", "--bench-quick", "--benchmark-only",
-               f"--benchmark-json={results}", "-p", "no:cacheprovider", "-q", timeout=300)
+               "--ignore=bench/test_bench_norms.py", f"--benchmark-json={results}",
+               "-p", "no:cacheprovider", "-q", timeout=300)
     timed = {(b["extra_info"]["op"], b["extra_info"]["layout"], b["extra_info"]["impl"])
              for b in json.loads(results.read_text())["benchmarks"]}
     for op in OPS:
@@ -168,3 +170,95 @@ def test_fused_reference_remasked_is_the_reference_with_that_mask(monkeypatch, l
     for fast, full in zip(c.remasked(expected, mask), c.reference("fwd+bwd", mask=mask)):
         np.testing.assert_allclose(fast, full, rtol=1e-12, atol=1e-12)
     assert not np.allclose(c.remasked(expected, mask)[1], expected[1])
+
+
+# -- bench/test_bench_norms.py: the normalization family ----------------------------------------
+
+
+def test_norms_quick_run_and_report(tmp_path):
+    """The family's group on each op's small shape: fastbn, the copies and the peers timed, and
+    report.py's table of it, a row per op × pass with its ratios."""
+    results = tmp_path / "r.json"
+    run_python("-m", "pytest", "bench/test_bench_norms.py", "--bench-quick", "--benchmark-only",
+               f"--benchmark-json={results}", "-p", "no:cacheprovider", "-q", timeout=300)
+    benchmarks = json.loads(results.read_text())["benchmarks"]
+    timed = {(b["extra_info"]["norm"], b["extra_info"]["op"], b["extra_info"]["impl"])
+             for b in benchmarks}
+    for norm in FAMILY:
+        for op in ("fwd", "bwd"):
+            for impl in ("fastbn", "memcpy", "copy"):
+                assert (norm.name, op, impl) in timed
+    torch = importlib.util.find_spec("torch") is not None
+    if torch:  # PyTorch's results pass the check
+        assert all(b["extra_info"]["valid"] for b in benchmarks
+                   if b["extra_info"]["impl"] == "torch")
+
+    table = run_python("bench/report.py", str(results), timeout=60).stdout
+    lines = [[cell.strip() for cell in line.strip().strip("|").split("|")]
+             for line in table.splitlines() if line.startswith("| ")]
+    header = lines[0]
+    assert header[:6] == ["op", "pass", "shape", "fastbn ms", "GB/s", "fastbn × copy"], table
+    rows = {tuple(cells[:3]): dict(zip(header, cells)) for cells in lines[1:]}
+    assert len(rows) == 2 * len(FAMILY), table
+    for norm in FAMILY:
+        for op in ("fwd", "bwd"):
+            cells = rows.get((norm.name, op, "x".join(map(str, norm.small))))
+            assert cells is not None, f"no row for {norm.name} {op}:\n{table}"
+            figures = [float(cells[name]) for name in ("fastbn ms", "GB/s", "fastbn × copy")]
+            if torch:
+                figures.append(float(cells["PyTorch ÷ fastbn"]))
+            assert min(figures) > 0, cells
+            assert cells["copy"] in ("np.copyto", f"{numba.get_num_threads()} threads")
+
+
+def _norms_module(monkeypatch):
+    """bench/test_bench_norms.py, imported as a module (it imports test_bench from bench/)."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    path = os.path.join(ROOT, "bench", "test_bench_norms.py")
+    spec = importlib.util.spec_from_file_location("bench_norms", path)
+    norms = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(norms)
+    return norms
+
+
+@pytest.mark.parametrize("op", ["fwd", "bwd"])
+@pytest.mark.parametrize("norm", FAMILY, ids=lambda norm: norm.function)
+def test_norm_check_rejects_a_wrong_result(monkeypatch, norm, op):
+    """The family's check: the float64 reference rounded to float32 passes; a wrong output, a
+    missing or an extra one fail fastbn's benchmark and flag a peer's."""
+    norms = _norms_module(monkeypatch)
+    c = norms.CheckedCase(norm, norm.small, np.float32)
+    good = tuple(a.astype(np.float32) for a in c.reference(op))
+    assert len(good) == len(norm.outputs(op == "bwd"))
+    assert norms._check(good, c, op, "fastbn") is None
+    for k, name in enumerate(norm.outputs(op == "bwd")):
+        wrong = list(good)
+        wrong[k] = good[k].copy()
+        wrong[k].flat[np.argmax(np.abs(good[k]))] *= 1.01
+        with pytest.raises(pytest.fail.Exception, match=f"{name} differs from the float64"):
+            norms._check(tuple(wrong), c, op, "fastbn")
+        assert f"{name} differs" in norms._check(tuple(wrong), c, op, PEERS[0])
+    with pytest.raises(pytest.fail.Exception, match="outputs, expected"):
+        norms._check(good + good[-1:], c, op, "fastbn")
+    with pytest.raises(pytest.fail.Exception, match="has shape"):
+        norms._check((good[0][:1], *good[1:]), c, op, "fastbn")
+
+
+@pytest.mark.parametrize("norm", FAMILY, ids=lambda norm: norm.function)
+def test_norm_reference_in_pieces_is_the_whole(monkeypatch, norm):
+    """The group's reference, computed piece by piece along x's first axis to bound its memory,
+    is tests/reference.py's on the whole tensor."""
+    norms = _norms_module(monkeypatch)
+    c = norms.CheckedCase(norm, norm.small, np.float32)
+    kind, groups = ("group", norm.view(c.x.shape)[1]) if norm.channels else ("layer", 1)
+    y, mean, _, invstd = norms.reference.normalize(
+        c.x, kind, norms.EPS, c.case.gamma, c.case.beta, groups=groups, centred=norm.centred)
+    grads = norms.reference.normalize_backward(c.case.dy, c.x, mean, invstd, kind, c.case.gamma,
+                                               groups=groups)
+    monkeypatch.setattr(norms, "REFERENCE_PIECE", 1)  # a piece per index of the first axis
+    assert len(c._pieces()) == c.x.shape[0] > 1
+    np.testing.assert_allclose(c.reference("fwd")[0], y, rtol=1e-13, atol=1e-13)
+    backward = c.reference("bwd")
+    assert len(backward) == (3 if norm.centred else 2)
+    for ours, whole in zip(backward, grads):
+        np.testing.assert_allclose(ours, whole, rtol=1e-12, atol=1e-12)
