@@ -1,6 +1,9 @@
 """examples/paper_experiment.py: batch norm trains faster, and folding it changes no output; with
 --relu, BN fused with its ReLU trains too. examples/residual_net.py: BN fused with the residual add
-and the ReLU trains, as the same steps unfused do, with the same losses."""
+and the ReLU trains, as the same steps unfused do, with the same losses.
+examples/layer_norm_sequence.py: a transformer block with fastbn.LayerNorm trains, with the losses
+of the same model with a NumPy layer norm, and its hand-written backward matches finite
+differences."""
 import importlib.util
 import os
 
@@ -195,4 +198,116 @@ def test_residual_net_script_runs():
     for cells in rows.values():
         first, last, acc, speed = map(float, cells[1:5])
         assert last < first and acc > 0.5 and speed > 0, out
+    assert "largest difference of the training loss" in out, out
+
+
+# -- examples/layer_norm_sequence.py: a transformer block with fastbn.LayerNorm -----------------
+
+
+@pytest.fixture(scope="module")
+def sequence():
+    return _load_example("layer_norm_sequence")
+
+
+@pytest.fixture(scope="module")
+def sequence_runs(sequence):
+    data = sequence.load_digits_split()
+    return {layer: sequence.train(layer, data, 120, seed=3) for layer in sequence.LAYERS}
+
+
+def test_layer_norm_sequence_model_trains(sequence_runs):
+    for layer, run in sequence_runs.items():
+        losses = run["losses"]
+        assert losses[-20:].mean() < 0.5 * losses[:10].mean(), (layer, losses)
+        assert run["accuracy"] > 0.5, (layer, run["accuracy"])  # chance: 0.1
+        assert run["steps_per_second"] > 0
+
+
+def test_layer_norm_sequence_losses_agree_float32(sequence_runs):
+    """The same model, weights and batches with fastbn's and the NumPy layer norm: the losses
+    agree step for step to float32 rounding (the model is smooth: no ReLU kinks to amplify it)."""
+    np.testing.assert_allclose(sequence_runs["fastbn"]["losses"],
+                               sequence_runs["numpy"]["losses"], rtol=1e-5, atol=1e-6)
+
+
+def test_layer_norm_sequence_losses_agree_float64(sequence):
+    data = sequence.load_digits_split()
+    fast, plain = (sequence.train(layer, data, 20, dtype=np.float64, seed=4)["losses"]
+                   for layer in ("fastbn", "numpy"))
+    np.testing.assert_allclose(fast, plain, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("affine", [False, True], ids=["plain", "affine"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_layer_norm_sequence_numpy_layer_is_layer_norm(sequence, rng, affine, dtype):
+    """The example's NumPy layer norm computes what fastbn.LayerNorm and fastbn.layer_norm do."""
+    import fastbn
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == np.float32 else {"rtol": 1e-11, "atol": 1e-12}
+    ours = fastbn.LayerNorm(6, elementwise_affine=affine, dtype=dtype)
+    numpy_layer = sequence.NumpyLayerNorm(6, elementwise_affine=affine, dtype=dtype)
+    if affine:
+        for layer in (ours, numpy_layer):
+            layer.params()["gamma"][...] = np.linspace(0.5, 2, 6)
+            layer.params()["beta"][...] = np.linspace(-1, 1, 6)
+    x = (rng.standard_normal((5, 4, 6)) * 3 + 2).astype(dtype)
+    dy = rng.standard_normal((5, 4, 6)).astype(dtype)
+    y = ours(x)
+    np.testing.assert_allclose(numpy_layer(x), y, **tol)
+    dx = ours.backward(dy)
+    np.testing.assert_allclose(numpy_layer.backward(dy), dx, **tol)
+    assert set(ours.grads()) == set(numpy_layer.grads())
+    for name in ours.grads():
+        np.testing.assert_allclose(numpy_layer.grads()[name], ours.grads()[name], **tol)
+    # the functional ops, with the layer's parameters
+    gamma, beta = ours.params().get("gamma"), ours.params().get("beta")
+    y_op, stats = fastbn.layer_norm(x, (6,), gamma, beta)
+    np.testing.assert_array_equal(y_op, y)
+    dx_op, dgamma, dbeta = fastbn.layer_norm_backward(dy, x, stats, (6,), gamma)
+    np.testing.assert_array_equal(dx_op, dx)
+    if affine:
+        np.testing.assert_array_equal(dgamma, ours.grads()["gamma"])
+        np.testing.assert_array_equal(dbeta, ours.grads()["beta"])
+
+
+@pytest.mark.parametrize("layer", ["fastbn", "numpy"])
+def test_layer_norm_sequence_backward_matches_finite_differences(sequence, layer):
+    """The model's hand-written backward (attention, GELU, residuals, the layer norms) against
+    central differences of the loss, parameter by parameter, in float64."""
+    rng = np.random.default_rng(5)
+    x = rng.random((6, sequence.TOKENS, sequence.PIXELS))
+    labels = rng.integers(0, 10, 6)
+    model = sequence.SequenceModel(8, 12, 10, np.random.default_rng(6), sequence.LAYERS[layer],
+                                   np.float64)
+    for ln in (model.ln1, model.ln2):  # away from their initial ones and zeros
+        ln.params()["gamma"][...] = 1 + 0.3 * rng.standard_normal(8)
+        ln.params()["beta"][...] = 0.3 * rng.standard_normal(8)
+    for name in ("b_e", "b_1", "b_2", "b_c"):
+        model.p[name][...] = 0.3 * rng.standard_normal(model.p[name].shape)
+
+    def loss():
+        return sequence.cross_entropy(model.forward(x), labels)[0]
+
+    grads = model.backward(sequence.cross_entropy(model.forward(x), labels)[1])
+    assert len({name for name, _, _ in grads}) == len(model.p) + 4
+    h = 1e-6
+    for name, param, grad in grads:
+        grad = grad.copy()
+        direction = rng.standard_normal(param.shape)
+        param += h * direction
+        plus = loss()
+        param -= 2 * h * direction
+        minus = loss()
+        param += h * direction
+        predicted = float((grad * direction).sum())
+        assert (plus - minus) / (2 * h) == pytest.approx(predicted, rel=1e-6, abs=1e-9), name
+
+
+def test_layer_norm_sequence_script_runs():
+    out = run_python("examples/layer_norm_sequence.py", "--steps", "100", timeout=300).stdout
+    rows = {line.split()[0]: line.split() for line in out.splitlines()
+            if line.split() and line.split()[0] in ("fastbn", "numpy")}
+    assert set(rows) == {"fastbn", "numpy"}, out
+    for cells in rows.values():
+        first, last, acc, speed = map(float, cells[1:5])
+        assert last < first and acc > 0.3 and speed > 0, out
     assert "largest difference of the training loss" in out, out
