@@ -59,7 +59,7 @@ class GroupView:
     """Arrays of x's shape as the normalization family reads them: ``(rows, P, S)`` in C order.
 
     Statistics are taken per row, over its ``P·S`` contiguous values; element ``(r, p, s)`` is
-    scaled by parameter ``(r % groups)·P + p`` (docs/design.md §2.5). Layer and RMS norm are
+    scaled by parameter ``(r % groups)·P + p`` (docs/design.md §2.7). Layer and RMS norm are
     ``(prod(lead), prod(normalized_shape), 1)``, group norm ``(N·G, C/G, spatial)``, instance norm
     ``(N·C, 1, spatial)``. A NumPy array that is not C-contiguous is copied; a CUDA array is
     C-contiguous (the checks see to it).

@@ -1,7 +1,7 @@
 """Layer, group, instance and RMS normalization: batch norm's two steps over other groupings.
 
 Each op views x as ``(rows, P, S)`` (fastbn._layout.GroupView), takes statistics per row and
-scales element ``(r, p, s)`` by parameter ``(r % groups)·P + p`` (docs/design.md §2.5):
+scales element ``(r, p, s)`` by parameter ``(r % groups)·P + p`` (docs/design.md §2.7):
 
 ============== ======================== ============ ======= =========== =================
 op             rows                     P            S       groups      parameters

@@ -1254,7 +1254,7 @@ def _update_running(running_mean, running_var, mean, var, momentum, unbias):
 
 # -- the normalization family: statistics per row of a (rows, P, S) view ----------------------
 #
-# Layer, group, instance and RMS norm (fastbn._norms, docs/design.md §2.5) take statistics over
+# Layer, group, instance and RMS norm (fastbn._norms, docs/design.md §2.7) take statistics over
 # each row of ``x2`` (the GroupView ``(rows, P, S)`` as rows of ``L = P·S`` contiguous values) and
 # scale element ``(r, p, s)`` by parameter ``(r % groups)·P + p``. A row is one work item, reduced
 # and mapped by one thread while it sits in its cache (rows of up to a few hundred KB): one read
