@@ -284,6 +284,22 @@ def test_same_bits_serial_and_parallel_and_twice(case, rng, monkeypatch):
         assert a.tobytes() == b.tobytes() == c.tobytes()
 
 
+@each_dtype
+@each_case
+def test_lean_and_full_paths_give_the_same_bits(case, dtype, rng):
+    """The common call runs in one compiled call (the lean path); a list for gamma takes the full
+    checks and the device steps: the same bits."""
+    x, dy, gamma, beta = _data(rng, case, dtype)
+    y, stats = case.forward(x, gamma, beta)
+    full_y, full_stats = case.forward(x, gamma.tolist(), None if beta is None else beta.tolist())
+    assert y.tobytes() == full_y.tobytes()
+    assert stats.invstd.tobytes() == full_stats.invstd.tobytes()
+    lean = case.backward(dy, x, stats, gamma)
+    full = case.backward(dy, x, stats, gamma.tolist())
+    for a, b in zip(lean, full):  # (the full path's gradients take the list's dtype, float64)
+        assert a is None and b is None or a.tobytes() == b.astype(a.dtype).tobytes()
+
+
 THREADS_SCRIPT = r"""
 import hashlib
 import numpy as np
