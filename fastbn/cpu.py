@@ -21,7 +21,18 @@ backward map         ``backward_map(dy3, x3, dx3, μ, invstd, γ, Σdy,        �
 parameter gradients  ``parameter_gradients(Σdy, Σdy·(x−μ), invstd, dtype)`` ``(dγ, dβ)``
 running statistics   ``update_running(running_mean, running_var, μ, σ²,     –
                      momentum, unbias)``
+family: statistics   ``group_forward(x3, y3, groups, γ, β, eps, centred)``  ``(μ, σ², invstd)``
+and map (per row)                                                           per row
+family: map with     ``group_normalize_with(x3, y3, groups, μ, invstd, γ,   –
+statistics           β)``
+family: backward     ``group_backward(dy3, x3, dx3, groups, μ, invstd, γ,   ``(dγ, dβ)``
+                     training)``
+vector dtype         ``cast(a, dtype)``                                     ``a`` in dtype
 ==================== ====================================================== =================
+
+The family's steps (layer, group, instance and RMS norm) work on the ``(R, P, S)`` view of
+fastbn._layout.GroupView instead: statistics per row over its P·S values, element (r, p, s) scaled
+by parameter ``(r % groups)·P + p`` (docs/design.md §2.7).
 
 The kernels come in two families (docs/design.md §2):
 
@@ -1698,11 +1709,6 @@ def group_forward(x3, y3, groups, gamma, beta, eps, centred):
     return (stats[0] if centred else None), stats[1], stats[2]
 
 
-def cast(a, dtype):
-    """A float64 vector in ``dtype``."""
-    return a.astype(dtype)
-
-
 def group_normalize_with(x3, y3, groups, mean, invstd, gamma, beta):
     """The map with given per-row statistics: ``y = γ·(x − mean)·invstd + β``."""
     _group_normalize_with(_as_rows(x3), _as_rows(y3), x3.shape[1], groups, mean, invstd, gamma,
@@ -1720,6 +1726,11 @@ def group_backward(dy3, x3, dx3, groups, mean, invstd, gamma, training):
     norm_rows_backward(_as_rows(dy3), _as_rows(x3), _as_rows(dx3), x3.shape[1], groups, mean,
                        invstd, gamma, training, grads)
     return grads[0], grads[1]
+
+
+def cast(a, dtype):
+    """A float64 vector in ``dtype``."""
+    return a.astype(dtype)
 
 
 # The family's whole ops in one compiled call each, for fastbn._norms' lean path (and the steps

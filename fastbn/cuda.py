@@ -25,7 +25,20 @@ backward map         ``backward_map(dy3, x3, dx3, μ, invstd, γ, Σg,         �
 parameter gradients  ``parameter_gradients(Σdy, Σdy·(x−μ), invstd, dtype)`` ``(dγ, dβ)``
 running statistics   ``update_running(running_mean, running_var, μ, σ²,     –
                      momentum, unbias)``
+family: statistics   ``group_forward(x3, y3, groups, γ, β, eps, centred)``  ``(μ, σ², invstd)``
+and map (per row)                                                           per row
+family: map with     ``group_normalize_with(x3, y3, groups, μ, invstd, γ,   –
+statistics           β)``
+family: backward     ``group_backward(dy3, x3, dx3, groups, μ, invstd, γ,   ``(dγ, dβ)``
+                     training)``
+vector dtype         ``cast(a, dtype)``                                     ``a`` in dtype
 ==================== ====================================================== =================
+
+The family's steps (layer, group, instance and RMS norm) work on the ``(R, P, S)`` view of
+fastbn._layout.GroupView instead: statistics per row r over its P·S values, element (r, p, s)
+scaled by parameter ``(r % groups)·P + p``; per-row vectors are float64 ``(R,)``, μ is None for
+RMS norm (``centred`` False). A row gets a band of a block's threads (a whole block for long
+rows), which merge in shared memory in a fixed tree.
 
 The maps fuse a residual add and a ReLU (docs/design.md §1): ``y = relu(BN(x) + residual)`` in
 float64 before the one rounding; backward's ``g`` is dy, or, given the ReLU's output ``y3``, dy
@@ -556,6 +569,323 @@ def _map_launch(rows):
     band = THREADS // per_row
     return ((max(1, min(-(-width // per_row), 1024)), max(1, min(-(-height // band), MAX_GRID_Y))),
             THREADS, per_row)
+
+
+# -- the normalization family: statistics per row of a (rows, P, S) view -----------------------
+#
+# Layer, group, instance and RMS norm (docs/design.md §2.5) view x as ``(R, P, S)``: statistics
+# per row r over its L = P·S contiguous values, element (r, p, s) scaled by parameter
+# c = (r % groups)·P + p. The row reductions give each row ``width`` threads of a block (the
+# row's length rounded up to a power of two, at most a block), so that a block reduces one long
+# row, or several short ones side by side; the threads stride along the row (coalesced) and the
+# block merges them in shared memory in a fixed tree, a band of ``width`` threads per row. The
+# blocks stride down the rows (at most ``ROW_BLOCKS`` of them). Parameter gradients are per-row
+# (or per-run) partial sums added over the rows in row order by a second kernel. No atomics:
+# every result is bitwise reproducible.
+
+ROW_BLOCKS = 1 << 15  # family reductions: blocks at most; a larger grid strides down the rows
+
+
+@functools.cache
+def _group_kernels(threads, tile):
+    """The family's row reductions for blocks of ``threads`` threads whose threads sum ``tile``
+    values at a time about the tile's first value."""
+
+    @cuda.jit(device=True)
+    def place(width):
+        """``(t, lane, band, base, step)``: the thread, its place in its row's band of
+        ``width`` threads, the band, and the block's first row and stride down the rows."""
+        t = cuda.threadIdx.x
+        band = t // width
+        bands = threads // width
+        return (t, t - band * width, band, int64(cuda.blockIdx.x) * bands,
+                int64(cuda.gridDim.x) * bands)
+
+    @cuda.jit(device=True)
+    def band_moments(n, mean, m2, sn, smean, sm2, t, lane, width):
+        """Merge the moments of a band's threads into its first (lane 0), in a fixed tree."""
+        sn[t], smean[t], sm2[t] = n, mean, m2
+        cuda.syncthreads()
+        stride = width // 2
+        while stride >= 1:
+            if lane < stride:
+                sn[t], smean[t], sm2[t] = _chan(sn[t], smean[t], sm2[t],
+                                               sn[t + stride], smean[t + stride], sm2[t + stride])
+            cuda.syncthreads()
+            stride //= 2
+        return sn[t], smean[t], sm2[t]
+
+    @cuda.jit(device=True)
+    def band_sums(a, b, sa, sb, t, lane, width):
+        """Add a band's sums into its first thread, in a fixed tree."""
+        sa[t], sb[t] = a, b
+        cuda.syncthreads()
+        stride = width // 2
+        while stride >= 1:
+            if lane < stride:
+                sa[t] += sa[t + stride]
+                sb[t] += sb[t + stride]
+            cuda.syncthreads()
+            stride //= 2
+        return sa[t], sb[t]
+
+    @cuda.jit
+    def row_moments(x, width, eps, shift, delta, mean, var, invstd):
+        """Per row of ``x`` (R, L): ``s`` (its first value), ``δ = mean − s`` and ``M2`` of
+        ``x − s``, exactly; the row's ``mean``, biased ``var`` and ``invstd``."""
+        rows, length = x.shape
+        t, lane, band, base, step = place(width)
+        sn = cuda.shared.array(threads, float64)
+        smean = cuda.shared.array(threads, float64)
+        sm2 = cuda.shared.array(threads, float64)
+        while base < rows:  # the same trips for every thread of the block (syncthreads)
+            r = base + band
+            s = n = mu = m2 = count = first = total = squares = 0.0
+            if r < rows:
+                s = float64(x[r, 0])
+                k = int64(lane)
+                while k < length:
+                    n, mu, m2, count, first, total, squares = _tile_add(
+                        n, mu, m2, count, first, total, squares, float64(x[r, k]) - s, tile)
+                    k += width
+                n, mu, m2 = _tile_close(n, mu, m2, count, first, total, squares)
+            n, mu, m2 = band_moments(n, mu, m2, sn, smean, sm2, t, lane, width)
+            if lane == 0 and r < rows:
+                v = m2 / length
+                shift[r], delta[r], mean[r], var[r] = s, mu, s + mu, v
+                invstd[r] = 1.0 / math.sqrt(v + eps)
+            base += step
+
+    @cuda.jit
+    def row_squares(x, width, eps, var, invstd):
+        """RMS norm: per row of ``x`` (R, L), the mean square ``var`` and ``invstd``."""
+        rows, length = x.shape
+        t, lane, band, base, step = place(width)
+        sa = cuda.shared.array(threads, float64)
+        sb = cuda.shared.array(threads, float64)
+        while base < rows:
+            r = base + band
+            a = 0.0
+            if r < rows:
+                k = int64(lane)
+                while k < length:
+                    v = float64(x[r, k])
+                    a += v * v
+                    k += width
+            a, _ = band_sums(a, 0.0, sa, sb, t, lane, width)
+            if lane == 0 and r < rows:
+                v = a / length
+                var[r] = v
+                invstd[r] = 1.0 / math.sqrt(v + eps)
+            base += step
+
+    @cuda.jit
+    def row_gradient_terms(dy, x, gamma, mean, invstd, groups, centred, width, q, r0):
+        """A parameter per value (S = 1; ``dy``, ``x`` as (R, P)): per row, ``A = Σγ·dy`` and
+        ``B = Σγ·dy·(x − μ)`` (x for RMS norm, ``centred`` False), and training backward's
+        ``q = −invstd³·B/L``, ``r0 = −invstd·A/L`` (0 for RMS norm)."""
+        rows, length = x.shape
+        t, lane, band, base, step = place(width)
+        sa = cuda.shared.array(threads, float64)
+        sb = cuda.shared.array(threads, float64)
+        while base < rows:
+            r = base + band
+            a = b = 0.0
+            if r < rows:
+                m = mean[r] if centred else 0.0
+                first = (r % groups) * length
+                k = int64(lane)
+                while k < length:
+                    g = gamma[first + k] * float64(dy[r, k])
+                    a += g
+                    b += g * (float64(x[r, k]) - m)
+                    k += width
+            a, b = band_sums(a, b, sa, sb, t, lane, width)
+            if lane == 0 and r < rows:
+                p = invstd[r]
+                q[r] = -p * p * p * b / length
+                r0[r] = -p * a / length if centred else 0.0
+            base += step
+
+    @cuda.jit
+    def run_sums(dy, x, mean, runs, centred, width, sum_dy, sum_dy_xmu):
+        """A parameter per run (S > 1; ``dy``, ``x`` as (R·P, S)): per run ``j`` of row
+        ``j // runs``, ``Σdy`` and ``Σdy·(x − μ)`` (x for RMS norm)."""
+        total, length = x.shape
+        t, lane, band, base, step = place(width)
+        sa = cuda.shared.array(threads, float64)
+        sb = cuda.shared.array(threads, float64)
+        while base < total:
+            j = base + band
+            a = b = 0.0
+            if j < total:
+                m = mean[j // runs] if centred else 0.0
+                k = int64(lane)
+                while k < length:
+                    g = float64(dy[j, k])
+                    a += g
+                    b += g * (float64(x[j, k]) - m)
+                    k += width
+            a, b = band_sums(a, b, sa, sb, t, lane, width)
+            if lane == 0 and j < total:
+                sum_dy[j], sum_dy_xmu[j] = a, b
+            base += step
+
+    return row_moments, row_squares, row_gradient_terms, run_sums
+
+
+@cuda.jit
+def _run_gradient_terms(sum_dy, sum_dy_xmu, gamma, invstd, groups, runs, length, centred, q,
+                        r0):
+    """Per row from its runs' sums (in run order): ``A = Σγ·Σdy``, ``B = Σγ·Σdy·(x − μ)``, and
+    training backward's ``q``, ``r0`` as ``row_gradient_terms``'."""
+    r = cuda.grid(1)
+    if r < q.size:
+        first = int64(r) * runs
+        c0 = (r % groups) * runs
+        a = b = 0.0
+        for p in range(runs):
+            g = gamma[c0 + p]
+            a += g * sum_dy[first + p]
+            b += g * sum_dy_xmu[first + p]
+        v = invstd[r]
+        q[r] = -v * v * v * b / length
+        r0[r] = -v * a / length if centred else 0.0
+
+
+@cuda.jit
+def _run_parameter_gradients(sum_dy, sum_dy_xmu, invstd, groups, runs, dgamma, dbeta):
+    """Per parameter c, over the rows n of the runs' sums read as (R / groups, C), in row order:
+    ``dγ = Σ Σdy·(x − μ)·invstd``, ``dβ = Σ Σdy``."""
+    c = cuda.grid(1)
+    if c < dgamma.size:
+        parameters = dgamma.size
+        g = 0.0
+        b = 0.0
+        for n in range(sum_dy.size // parameters):
+            j = int64(n) * parameters + c
+            g += sum_dy_xmu[j] * invstd[int64(n) * groups + c // runs]
+            b += sum_dy[j]
+        dgamma[c] = g
+        dbeta[c] = b
+
+
+@cuda.jit
+def _column_parameter_gradients(dy, x, mean, invstd, groups, runs, centred, segment, parts_g,
+                                parts_b):
+    """A parameter per value (S = 1; ``dy``, ``x`` as (R / groups, C)): per column c and segment
+    j of rows, ``Σdy·x̂`` and ``Σdy`` in row order (a thread per column: reads coalesced)."""
+    c = cuda.grid(1)
+    parameters = x.shape[1]
+    if c < parameters:
+        j = int64(cuda.blockIdx.y)
+        n = j * segment
+        stop = n + segment
+        if stop > x.shape[0]:  # noqa: PLR1730
+            stop = x.shape[0]
+        which = c // runs
+        g = 0.0
+        b = 0.0
+        while n < stop:
+            r = n * groups + which
+            v = float64(dy[n, c])
+            m = mean[r] if centred else 0.0
+            g += v * (float64(x[n, c]) - m) * invstd[r]
+            b += v
+            n += 1
+        parts_g[j, c] = g
+        parts_b[j, c] = b
+
+
+def _group_map(value):
+    """A map kernel ``(out, a, b, u, v, z, e, gamma, beta, runs, groups, planar, per_row)`` that
+    writes ``out = value(a, b, row, w, r, c, u, v, z, e, gamma, beta)`` over the view read as
+    rows: ``(R·P, S)`` (``planar``, S > 1: the row r and parameter c of a whole run) or
+    ``(R, P)`` (c along the row); a grid-stride loop along and down as ``_row_map``'s."""
+
+    @cuda.jit
+    def kernel(out, a, b, u, v, z, e, gamma, beta, runs, groups, planar, per_row):
+        rows, width = out.shape
+        band = cuda.blockDim.x // per_row
+        t = cuda.threadIdx.x
+        lane_row = t // per_row
+        if lane_row < band:
+            first = int64(cuda.blockIdx.x) * per_row + (t - lane_row * per_row)
+            step = int64(cuda.gridDim.x) * per_row
+            row = int64(cuda.blockIdx.y) * band + lane_row
+            row_step = int64(cuda.gridDim.y) * band
+            parameters = groups * runs
+            while row < rows:
+                if planar:
+                    r = row // runs
+                    c0 = row % parameters
+                else:
+                    r = row
+                    c0 = (row % groups) * runs
+                w = first
+                while w < width:
+                    c = c0 if planar else c0 + w
+                    out[row, w] = value(a, b, row, w, r, c, u, v, z, e, gamma, beta)
+                    w += step
+                row += row_step
+
+    return kernel
+
+
+@cuda.jit(device=True)
+def _group_centred(a, b, row, w, r, c, u, v, z, e, gamma, beta):
+    """Forward: ``y = s·(x − shift) + (β − s·δ)``, ``s = γ·invstd`` (u: invstd, v: shift, z: δ);
+    a constant row gives exactly β."""
+    s = gamma[c] * u[r]
+    return s * (float64(a[row, w]) - v[r]) + (beta[c] - s * z[r])
+
+
+@cuda.jit(device=True)
+def _group_scaled(a, b, row, w, r, c, u, v, z, e, gamma, beta):
+    """RMS norm's forward, ``y = (γ·invstd)·x`` (u: invstd), and eval backward's
+    ``dx = (γ·invstd)·dy``."""
+    return (gamma[c] * u[r]) * float64(a[row, w])
+
+
+@cuda.jit(device=True)
+def _group_with(a, b, row, w, r, c, u, v, z, e, gamma, beta):
+    """The map with given statistics: ``y = (γ·invstd)·(x − μ) + β`` (u: invstd, v: μ)."""
+    return (gamma[c] * u[r]) * (float64(a[row, w]) - v[r]) + beta[c]
+
+
+@cuda.jit(device=True)
+def _group_gradient(a, b, row, w, r, c, u, v, z, e, gamma, beta):
+    """Training backward: ``dx = (γ·invstd)·dy + (q·(x − μ) + r0)`` (a: dy, b: x, u: invstd,
+    v: q, z: μ, e: r0)."""
+    return (gamma[c] * u[r]) * float64(a[row, w]) + (v[r] * (float64(b[row, w]) - z[r]) + e[r])
+
+
+@cuda.jit(device=True)
+def _group_rms_gradient(a, b, row, w, r, c, u, v, z, e, gamma, beta):
+    """RMS norm's training backward: ``dx = (γ·invstd)·dy + q·x`` (u: invstd, v: q)."""
+    return (gamma[c] * u[r]) * float64(a[row, w]) + v[r] * float64(b[row, w])
+
+
+_group_centred_map = _group_map(_group_centred)
+_group_scaled_map = _group_map(_group_scaled)
+_group_with_map = _group_map(_group_with)
+_group_gradient_map = _group_map(_group_gradient)
+_group_rms_gradient_map = _group_map(_group_rms_gradient)
+
+
+def _group_rows(a3):
+    """``(rows, planar)``: a ``(R, P, S)`` view as the family's maps read it."""
+    rows, runs, inner = a3.shape
+    if inner > 1:
+        return a3.reshape(rows * runs, inner), True
+    return a3.reshape(rows, runs), False
+
+
+def _band_launch(rows, length):
+    """``(blocks, width)`` of a family reduction over ``rows`` rows of ``length`` values: a
+    band of ``width`` threads per row (a power of two, at most a block)."""
+    width = min(THREADS, 1 << max(0, length - 1).bit_length())
+    return max(1, min(-(-rows // (THREADS // width)), ROW_BLOCKS)), width
 
 
 # -- launch configurations ----------------------------------------------------------------------
@@ -1214,11 +1544,131 @@ class Steps:
         return both[0], both[1]
 
     @_on_its_gpu
+    def cast(self, a, dtype):
+        """A float64 device vector in ``dtype`` (itself when that is float64)."""
+        if np.dtype(dtype) == np.float64:
+            return a
+        target = cuda.device_array(a.shape, dtype)
+        if a.size:
+            self._launch(_cast, *_grid(a.size), a, target)
+        return target
+
+    @_on_its_gpu
     def update_running(self, running_mean, running_var, mean, var, momentum, unbias):
         """PyTorch's update, in place on the device, in the running arrays' dtype:
         ``running = (1 − momentum)·running + momentum·batch``, with the unbiased ``var·unbias``."""
         self._launch(_update_running, *_grid(mean.size), device_view(running_mean),
                      device_view(running_var), mean, var, momentum, unbias)
+
+    # -- the normalization family (docs/design.md §2.5): per-row statistics of a (R, P, S) view --
+
+    def _filled(self, count, size, fill):
+        """``count`` float64 ``(size,)`` vectors of ``fill`` (the results of empty views)."""
+        vectors = self._vectors(count, size)
+        for v in vectors if size else ():
+            v.copy_to_device(np.full(size, fill), stream=self.stream)
+        return vectors
+
+    def _group_launch_map(self, kernel, out3, a3, b3, u, v, z, e, gamma, beta, groups):
+        out, planar = _group_rows(out3)
+        grid, block, per_row = _map_launch(out)
+        self._launch(kernel, grid, block, out, _group_rows(a3)[0], _group_rows(b3)[0], u, v, z, e,
+                     gamma, beta, out3.shape[1], groups, planar, per_row)
+
+    @_on_its_gpu
+    def group_forward(self, x3, y3, groups, gamma, beta, eps, centred):
+        """Per-row statistics of ``x3`` (R, P, S) and the map into ``y3``: device float64
+        ``(mean, var, invstd)`` of shape (R,), ``mean`` None for RMS norm (``centred`` False).
+
+        ``centred``: ``var`` is the biased variance, exact (moments of ``x − s`` about the row's
+        first value s), and ``y = a·(x − s) + (β − a·δ)``, ``a = γ·invstd``, δ = mean − s, so a
+        constant row gives exactly β. Otherwise ``var`` is the mean square, ``y = (γ·invstd)·x``.
+        ``gamma``, ``beta``: float64 device vectors of groups·P parameters.
+        """
+        rows, runs, inner = x3.shape
+        length = runs * inner
+        if rows == 0 or length == 0:
+            mean, var, invstd = self._filled(3, rows, np.nan)
+            return (mean if centred else None), var, invstd
+        x = x3.reshape(rows, length)
+        blocks, width = _band_launch(rows, length)
+        kernels = _group_kernels(THREADS, TILE)
+        if centred:
+            shift, delta, mean, var, invstd = self._vectors(5, rows)
+            self._launch(kernels[0], blocks, THREADS, x, width, float(eps), shift, delta, mean,
+                         var, invstd)
+            self._group_launch_map(_group_centred_map, y3, x3, x3, invstd, shift, delta, delta,
+                                   gamma, beta, groups)
+            return mean, var, invstd
+        var, invstd = self._vectors(2, rows)
+        self._launch(kernels[1], blocks, THREADS, x, width, float(eps), var, invstd)
+        self._group_launch_map(_group_scaled_map, y3, x3, x3, invstd, invstd, invstd, invstd,
+                               gamma, beta, groups)
+        return None, var, invstd
+
+    @_on_its_gpu
+    def group_normalize_with(self, x3, y3, groups, mean, invstd, gamma, beta):
+        """The map with given per-row statistics (device float64 (R,) vectors):
+        ``y = (γ·invstd)·(x − mean) + β``."""
+        if x3.size == 0:
+            return
+        self._group_launch_map(_group_with_map, y3, x3, x3, invstd, mean, mean, mean, gamma,
+                               beta, groups)
+
+    @_on_its_gpu
+    def group_backward(self, dy3, x3, dx3, groups, mean, invstd, gamma, training):
+        """``dx`` into ``dx3`` (if not None), and device float64 ``(dgamma, dbeta) =
+        (Σdy·x̂, Σdy)`` per parameter (groups·P), x̂ = (x − mean)·invstd (x·invstd when ``mean``
+        is None, RMS norm).
+
+        ``training``: ``dx = (γ·invstd)·dy + (q·(x − μ) + r0)`` with ``q = −invstd³·B/L``,
+        ``r0 = −invstd·A/L``, ``A = Σγ·dy``, ``B = Σγ·dy·(x − μ)`` per row (μ and r0 0 for RMS
+        norm); otherwise ``dx = (γ·invstd)·dy``. Every sum in float64, in a fixed order.
+        """
+        rows, runs, inner = x3.shape
+        length = runs * inner
+        parameters = groups * runs
+        centred = mean is not None
+        if not centred:
+            mean = invstd  # a stand-in, never read
+        if x3.size == 0:
+            return tuple(self._filled(2, parameters, 0.0))
+        kernels = _group_kernels(THREADS, TILE)
+        dgamma, dbeta = self._vectors(2, parameters)
+        q, r0 = self._vectors(2, rows) if training else (invstd, invstd)
+        if inner > 1:  # a parameter per run: sums per run, then per row and per parameter
+            sums = self._parts(2, rows // groups, parameters)
+            flat = [s.reshape(rows * runs) for s in sums]
+            blocks, width = _band_launch(rows * runs, inner)
+            self._launch(kernels[3], blocks, THREADS, dy3.reshape(rows * runs, inner),
+                         x3.reshape(rows * runs, inner), mean, runs, centred, width, *flat)
+            if training:
+                self._launch(_run_gradient_terms, *_grid(rows), *flat, gamma, invstd, groups,
+                             runs, float(length), centred, q, r0)
+            self._launch(_run_parameter_gradients, *_grid(parameters), *flat, invstd, groups,
+                         runs, dgamma, dbeta)
+        else:  # a parameter per value: sums per row, and per parameter down the columns
+            dy, x = dy3.reshape(rows, runs), x3.reshape(rows, runs)
+            if training:
+                blocks, width = _band_launch(rows, runs)
+                self._launch(kernels[2], blocks, THREADS, dy, x, gamma, mean, invstd, groups,
+                             centred, width, q, r0)
+            outer = rows // groups
+            segment = max(SEGMENT, -(-outer // MAX_GRID_Y))
+            pieces = -(-outer // segment)
+            parts = self._parts(2, pieces, parameters)
+            self._launch(_column_parameter_gradients, (_grid(parameters)[0], pieces), THREADS,
+                         dy.reshape(outer, parameters), x.reshape(outer, parameters), mean,
+                         invstd, groups, runs, centred, segment, *parts)
+            self._launch(_add_partials, *_grid(parameters), *parts, dgamma, dbeta)
+        if dx3 is not None:
+            if not training:
+                kernel = _group_scaled_map
+            else:
+                kernel = _group_gradient_map if centred else _group_rms_gradient_map
+            self._group_launch_map(kernel, dx3, dy3, x3, invstd, q, mean, r0, gamma, gamma,
+                                   groups)
+        return dgamma, dbeta
 
 
 # The module's own steps: the default stream of the current GPU, an allocation per vector.
@@ -1235,6 +1685,10 @@ gradient_sums = _default.gradient_sums
 backward_map = _default.backward_map
 parameter_gradients = _default.parameter_gradients
 update_running = _default.update_running
+cast = _default.cast
+group_forward = _default.group_forward
+group_normalize_with = _default.group_normalize_with
+group_backward = _default.group_backward
 
 
 def available():

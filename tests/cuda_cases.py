@@ -589,3 +589,203 @@ def test_fused_layer_on_device_arrays(rng):
     for name, gpu, cpu in zip(["y", "dx", "dresidual", "dbeta", "running_var"], *results):
         assert_close(host(gpu), cpu, tol, name)
     assert 0 < (results[1][0] == 0).sum() < x.size and (results[1][2] == 0).sum() > 0
+
+
+# -- the normalization family's device steps (fastbn.cuda.Steps.group_*) ------------------------
+#
+# The steps called directly on device arrays viewed (R, P, S), against tests/reference.py's
+# ``normalize`` / ``normalize_backward`` (float64). At GPU_SMALL_BLOCKS (8 threads, tiles of 2)
+# the rows take several strides and tiles, short rows share a block (bands), and with
+# ROW_BLOCKS = 2 the blocks stride down the rows; the column sums of the parameter gradients come
+# in several segments (SEGMENT 5).
+
+# name: (x's shape, reference kind, groups, normalized_ndim, centred); (R, P, S) follows
+FAMILY = {
+    "layer": ((5, 3, 40), "layer", 1, 1, True),  # (15, 40, 1)
+    "layer-2d": ((4, 3, 5), "layer", 1, 2, True),  # (4, 15, 1)
+    "group": ((3, 6, 4, 5), "group", 3, 1, True),  # (9, 2, 20)
+    "group-flat": ((7, 8), "group", 4, 1, True),  # (28, 2, 1): a parameter per value, groups 4
+    "instance": ((4, 5, 3), "instance", 5, 1, True),  # (20, 1, 3): short runs, bands of 4
+    "instance-2d": ((2, 3, 6, 7), "instance", 3, 1, True),  # (6, 1, 42)
+    "rms": ((6, 20), "layer", 1, 1, False),  # (6, 20, 1)
+    "rms-2d": ((3, 4, 6), "layer", 1, 2, False),  # (3, 24, 1)
+}
+each_family_case = pytest.mark.parametrize("case", list(FAMILY.values()), ids=list(FAMILY))
+CENTRED_FAMILY = {name: case for name, case in FAMILY.items() if case[4]}
+
+
+@pytest.fixture
+def strided_rows(monkeypatch):
+    """Two blocks at most for the family's reductions: they stride down the rows."""
+    if numba.config.ENABLE_CUDASIM:
+        monkeypatch.setattr(fastbn.cuda, "ROW_BLOCKS", 2)
+
+
+def family_view(shape, kind, groups, ndim):
+    """``(R, P, S)`` of x's shape for the op."""
+    if kind == "layer":
+        return (int(np.prod(shape[:-ndim])), int(np.prod(shape[-ndim:])), 1)
+    return (shape[0] * groups, shape[1] // groups, int(np.prod(shape[2:])))
+
+
+class FamilyCall:
+    """Device copies viewed (R, P, S), float64 device parameters, and the steps of one call."""
+
+    def __init__(self, rng, case, dtype, offset=None):
+        shape, self.kind, self.groups, self.ndim, self.centred = case
+        self.view = family_view(shape, self.kind, self.groups, self.ndim)
+        self.shape, self.dtype = shape, dtype
+        parameters = self.groups * self.view[1]
+        offset = rng.uniform(-5, 5) if offset is None else offset
+        self.x = (rng.standard_normal(shape) * rng.uniform(0.5, 2) + offset).astype(dtype)
+        self.dy = rng.standard_normal(shape).astype(dtype)
+        self.gamma = rng.uniform(0.5, 2.0, parameters) * rng.choice([-1.0, 1.0], parameters)
+        self.beta = rng.uniform(-1.0, 1.0, parameters)
+        self.steps = fastbn.cuda.Steps()
+
+    def device(self, a):
+        return cuda.to_device(np.ascontiguousarray(a)).reshape(self.view)
+
+    def empty(self):
+        return cuda.device_array(self.view, self.dtype)
+
+    def params(self):
+        """gamma and beta in the reference's shape: (C,), or normalized_shape for layer norm."""
+        if self.kind == "layer":
+            shape = self.shape[-self.ndim:]
+            return self.gamma.reshape(shape), self.beta.reshape(shape)
+        return self.gamma, self.beta
+
+    def forward(self, x3=None):
+        """``(y3, mean, var, invstd)`` of group_forward."""
+        y3 = self.empty()
+        stats = self.steps.group_forward(self.device(self.x) if x3 is None else x3, y3,
+                                         self.groups, cuda.to_device(self.gamma),
+                                         cuda.to_device(self.beta), EPS, self.centred)
+        return (y3, *stats)
+
+    def backward(self, mean, invstd, training, with_dx=True):
+        """``(dx3, dgamma, dbeta)`` of group_backward (dx3 None without ``with_dx``)."""
+        dx3 = self.empty() if with_dx else None
+        grads = self.steps.group_backward(self.device(self.dy), self.device(self.x), dx3,
+                                          self.groups, mean, invstd,
+                                          cuda.to_device(self.gamma), training)
+        return (dx3, *grads)
+
+    def reference(self, **given):
+        gamma, beta = self.params()
+        return reference.normalize(self.x, self.kind, EPS, gamma, beta if self.centred else None,
+                                   self.groups, self.ndim, self.centred, **given)
+
+    def reference_backward(self, mean, invstd, training):
+        return reference.normalize_backward(self.dy, self.x, mean, invstd, self.kind,
+                                            self.params()[0], self.groups, self.ndim, training)
+
+    def host(self, a3):
+        return host(a3).reshape(self.shape)
+
+
+@pytest.mark.usefixtures("strided_rows")
+@each_mode
+@each_dtype
+@each_family_case
+def test_family_steps_match_the_reference(case, dtype, training, rng):
+    """group_forward (mean, biased variance or mean square, invstd, y) and group_backward
+    (dx in training and eval, dgamma, dbeta) against the float64 reference."""
+    call = FamilyCall(rng, case, dtype)
+    tol = tol_for(dtype)
+    y3, mean, var, invstd = call.forward()
+    ry, rmean, rvar, rinvstd = call.reference()
+    y = call.host(y3)
+    assert y.dtype == dtype
+    assert_close(y, ry, tol, "y")
+    if call.centred:
+        assert_close(host(mean), rmean, tol, "mean")
+    else:
+        assert mean is None
+    assert_close(host(var), rvar, tol, "var")
+    assert_close(host(invstd), rinvstd, tol, "invstd")
+
+    dx3, dgamma, dbeta = call.backward(mean, invstd, training)
+    rdx, rdgamma, rdbeta = call.reference_backward(rmean, rinvstd, training)
+    assert call.host(dx3).dtype == dtype
+    assert_close(call.host(dx3), rdx, tol, "dx")
+    assert_close(host(dgamma), rdgamma.reshape(-1), tol, "dgamma")
+    assert_close(host(dbeta), rdbeta.reshape(-1), tol, "dbeta")
+
+
+@pytest.mark.usefixtures("strided_rows")
+@each_dtype
+@pytest.mark.parametrize("case", list(CENTRED_FAMILY.values()), ids=list(CENTRED_FAMILY))
+def test_family_normalize_with_matches_the_reference(case, dtype, rng):
+    """group_normalize_with with given per-row statistics (instance norm in eval), and the eval
+    backward with them."""
+    call = FamilyCall(rng, case, dtype)
+    rows = call.view[0]
+    mean, invstd = rng.uniform(-1, 1, rows), rng.uniform(0.5, 2, rows)
+    y3 = call.empty()
+    gamma, beta = cuda.to_device(call.gamma), cuda.to_device(call.beta)
+    assert call.steps.group_normalize_with(call.device(call.x), y3, call.groups,
+                                           cuda.to_device(mean), cuda.to_device(invstd), gamma,
+                                           beta) is None
+    tol = tol_for(dtype)
+    assert_close(call.host(y3), call.reference(mean=mean, invstd=invstd)[0], tol, "y")
+    dx3, dgamma, dbeta = call.backward(cuda.to_device(mean), cuda.to_device(invstd), False)
+    rdx, rdgamma, rdbeta = call.reference_backward(mean, invstd, False)
+    assert_close(call.host(dx3), rdx, tol, "dx")
+    assert_close(host(dgamma), rdgamma.reshape(-1), tol, "dgamma")
+    assert_close(host(dbeta), rdbeta.reshape(-1), tol, "dbeta")
+
+
+@pytest.mark.parametrize("case", [FAMILY[name] for name in ("layer", "group", "instance-2d")],
+                         ids=["layer", "group", "instance-2d"])
+def test_family_constant_row_gives_exactly_beta(case, rng):
+    """A constant row (1e7 + 1 in float32) normalizes to exactly β; the other rows, offset by
+    1e4, match the reference (statistics about each row's first value)."""
+    call = FamilyCall(rng, case, np.float32, offset=1e4)
+    _, runs, inner = call.view
+    x3 = call.x.reshape(call.view)
+    x3[1] = np.float32(1e7 + 1)
+    y3, mean, var, _ = call.forward()
+    y = host(y3)
+    first = (1 % call.groups) * runs
+    expected = np.broadcast_to(call.beta[first:first + runs, None], (runs, inner))
+    assert np.array_equal(y[1], expected.astype(np.float32)), "a constant row gives exactly beta"
+    assert host(var)[1] == 0.0 and host(mean)[1] == np.float32(1e7 + 1)
+    assert_close(call.host(y3), call.reference()[0], tol_for(np.float32), "y")
+
+
+@pytest.mark.usefixtures("strided_rows")
+@pytest.mark.parametrize("case", [FAMILY[name] for name in ("layer", "group", "rms")],
+                         ids=["layer", "group", "rms"])
+def test_family_steps_are_bitwise_deterministic(case, rng):
+    """Two runs (fresh steps) give the same bits; dx3=None gives the same parameter gradients;
+    the module-level steps (the default stream) are the same computation."""
+    call = FamilyCall(rng, case, np.float32)
+    results = []
+    for steps in (fastbn.cuda.Steps(), fastbn.cuda.Steps(), fastbn.cuda):
+        call.steps = steps
+        y3, mean, var, invstd = call.forward()
+        dx3, dgamma, dbeta = call.backward(mean, invstd, True)
+        results.append([host(a).tobytes() for a in (y3, var, invstd, dx3, dgamma, dbeta)
+                        + ((mean,) if call.centred else ())])
+        no_dx = call.backward(mean, invstd, True, with_dx=False)
+        assert no_dx[0] is None
+        assert [host(a).tobytes() for a in no_dx[1:]] == results[-1][4:6]
+    assert results[0] == results[1] == results[2]
+
+
+@pytest.mark.parametrize("view", [(0, 4, 1), (0, 2, 3), (3, 0, 1), (3, 2, 0)])
+def test_family_empty_views(view):
+    """No rows: empty statistics and zero gradients; empty rows: NaN statistics (0/0), zero
+    gradients; nothing is launched on an empty grid."""
+    steps = fastbn.cuda.Steps()
+    x3, y3 = cuda.device_array(view, np.float32), cuda.device_array(view, np.float32)
+    gamma, beta = cuda.to_device(np.ones(view[1])), cuda.to_device(np.zeros(view[1]))
+    for centred in (True, False):
+        mean, var, invstd = steps.group_forward(x3, y3, 1, gamma, beta, EPS, centred)
+        assert (mean is None) != centred
+        assert host(var).shape == (view[0],) and np.isnan(host(var)).all()
+        grads = steps.group_backward(y3, x3, y3, 1, mean, invstd, gamma, True)
+        assert [host(g).tolist() for g in grads] == [[0.0] * view[1]] * 2
+    steps.group_normalize_with(x3, y3, 1, invstd, invstd, gamma, beta)

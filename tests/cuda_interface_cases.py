@@ -621,3 +621,86 @@ def test_production_block_sizes_with_many_values_per_thread(shape, rng):
         assert abs(Fraction(total.mean[c]) - mean) <= Fraction(1, 10**15) * abs(mean), c
         assert abs(Fraction(total.m2[c]) - m2) <= Fraction(1, 10**14) * m2, (c, total.m2[c],
                                                                               float(m2))
+
+
+# -- the normalization family through the public API --------------------------------------------
+
+
+FAMILY_CALLS = {
+    "layer": (lambda x, g, b, **o: fastbn.layer_norm(x, (4, 5), g, b, **o),
+              lambda dy, x, s, g, **o: fastbn.layer_norm_backward(dy, x, s, (4, 5), g, **o),
+              (4, 5)),
+    "rms": (lambda x, g, b, **o: fastbn.rms_norm(x, 5, g, **o),
+            lambda dy, x, s, g, **o: fastbn.rms_norm_backward(dy, x, s, 5, g, **o) + (None,),
+            (5,)),
+    "group": (lambda x, g, b, **o: fastbn.group_norm(x, 2, g, b, **o),
+              lambda dy, x, s, g, **o: fastbn.group_norm_backward(dy, x, s, 2, g, **o), (6,)),
+    "instance": (lambda x, g, b, **o: fastbn.instance_norm(x, g, b, **o),
+                 lambda dy, x, s, g, **o: fastbn.instance_norm_backward(dy, x, s, g, **o), (6,)),
+}
+
+
+@pytest.mark.parametrize("name", list(FAMILY_CALLS))
+@pytest.mark.parametrize("where", ["device arrays", "interface arrays", "numpy, device='cuda'"])
+def test_family_on_the_gpu_matches_the_cpu(name, where, rng):
+    forward, backward, parameter_shape = FAMILY_CALLS[name]
+    x = (rng.standard_normal((3, 6, 4, 5)) + 2).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    gamma = rng.uniform(0.5, 2, parameter_shape).astype(np.float32)
+    beta = rng.uniform(-1, 1, parameter_shape).astype(np.float32)
+    y, stats = forward(x, gamma, beta)
+    grads = backward(dy, x, stats, gamma)
+    if where == "device arrays":
+        put, options = cuda.to_device, {}
+    elif where == "interface arrays":
+        put, options = FakeCudaArray, {}
+    else:
+        put, options = (lambda a: a), {"device": "cuda"}
+    gy, gstats = forward(put(x), put(gamma), put(beta), **options)
+    assert_close(host(gy), y, 1e-5, "y")
+    assert_close(host(gstats.invstd), stats.invstd, 1e-6, "invstd")
+    if stats.mean is None:
+        assert gstats.mean is None
+    else:
+        assert_close(host(gstats.mean), stats.mean, 1e-6, "mean")
+    if where == "numpy, device='cuda'":
+        assert isinstance(gy, np.ndarray) and isinstance(gstats.invstd, np.ndarray)
+    ggrads = backward(put(dy), put(x), gstats, put(gamma), **options)
+    for name_, ours, theirs in zip(("dx", "dgamma", "dbeta"), ggrads, grads):
+        if theirs is None:
+            continue
+        assert host(ours).dtype == theirs.dtype and host(ours).shape == theirs.shape, name_
+        assert_close(host(ours), theirs, 1e-5, name_)
+
+
+def test_family_instance_norm_running_statistics_on_the_gpu(rng):
+    x = (rng.standard_normal((3, 4, 10)) + 1).astype(np.float32)
+    rm, rv = rng.uniform(-1, 1, 4).astype(np.float32), rng.uniform(0.5, 2, 4).astype(np.float32)
+    cpu_rm, cpu_rv = rm.copy(), rv.copy()
+    fastbn.instance_norm(x, running_mean=cpu_rm, running_var=cpu_rv, momentum=0.2)
+    drm, drv = cuda.to_device(rm), cuda.to_device(rv)
+    fastbn.instance_norm(cuda.to_device(x), running_mean=drm, running_var=drv, momentum=0.2)
+    assert_close(drm.copy_to_host(), cpu_rm, 1e-6, "running_mean on the device")
+    assert_close(drv.copy_to_host(), cpu_rv, 1e-6, "running_var on the device")
+    host_rm, host_rv = rm.copy(), rv.copy()
+    fastbn.instance_norm(cuda.to_device(x), running_mean=host_rm, running_var=host_rv,
+                         momentum=0.2)
+    assert_close(host_rm, cpu_rm, 1e-6, "running_mean on the host, x on the device")
+    y, _ = fastbn.instance_norm(cuda.to_device(x), running_mean=drm, running_var=drv,
+                                    training=False)
+    expected, _ = fastbn.instance_norm(x, running_mean=cpu_rm, running_var=cpu_rv,
+                                       training=False)
+    assert_close(host(y), expected, 1e-5, "eval with device running statistics")
+
+
+def test_family_layer_on_the_gpu(rng):
+    layer = fastbn.GroupNorm(2, 6)
+    x = rng.standard_normal((3, 6, 7)).astype(np.float32)
+    expected = layer(x)
+    dx_expected = layer.backward(np.ones_like(x))
+    got = layer(cuda.to_device(x))
+    dx = layer.backward(cuda.to_device(np.ones_like(x)))
+    assert_close(host(got), expected, 1e-5, "y")
+    assert_close(host(dx), dx_expected, 1e-5, "dx")
+    with pytest.raises(TypeError, match="gamma is a CUDA array"):
+        fastbn.layer_norm(x, 7, cuda.to_device(np.ones(7, np.float32)))
