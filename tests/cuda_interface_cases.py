@@ -687,7 +687,7 @@ def test_family_instance_norm_running_statistics_on_the_gpu(rng):
                          momentum=0.2)
     assert_close(host_rm, cpu_rm, 1e-6, "running_mean on the host, x on the device")
     y, _ = fastbn.instance_norm(cuda.to_device(x), running_mean=drm, running_var=drv,
-                                    training=False)
+                                training=False)
     expected, _ = fastbn.instance_norm(x, running_mean=cpu_rm, running_var=cpu_rv,
                                        training=False)
     assert_close(host(y), expected, 1e-5, "eval with device running statistics")
