@@ -267,7 +267,7 @@ def test_out_in_place_and_non_contiguous(case, rng):
 
 
 @each_case
-def test_same_bits_serial_and_parallel_and_twice(case, rng, monkeypatch):
+def test_same_bits_serial_parallel_streamed_and_twice(case, rng, monkeypatch):
     import fastbn.cpu
     x, dy, gamma, beta = _data(rng, case, np.float32)
 
@@ -278,10 +278,13 @@ def test_same_bits_serial_and_parallel_and_twice(case, rng, monkeypatch):
 
     pooled = run_all()
     again = run_all()
+    monkeypatch.setattr(fastbn.cpu, "STREAM_MIN", 0)  # every planar map with streaming stores
+    monkeypatch.setattr(fastbn.cpu, "STREAM_RUN", 0)
+    streamed = run_all()
     monkeypatch.setattr(fastbn.cpu, "PARALLEL_MIN", 10**12)
     alone = run_all()
-    for a, b, c in zip(pooled, again, alone):
-        assert a.tobytes() == b.tobytes() == c.tobytes()
+    for a, b, c, d in zip(pooled, again, streamed, alone):
+        assert a.tobytes() == b.tobytes() == c.tobytes() == d.tobytes()
 
 
 @each_dtype
