@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _outputs, cpu
-from ._arrays import call_steps, device_view, is_cuda_array
+from ._arrays import call_steps, device_view, is_cuda_array, overlaps
 from ._checks import (
     _DEVICE_VARIABLE,
     _ENVIRON,
@@ -149,44 +149,37 @@ def _instance_op(x, name="instance_norm"):
 # -- checks -------------------------------------------------------------------------------------
 
 
-def _parameter(name, a, op, on_gpu):
-    """gamma or beta: None, or a real array of the op's parameter shape, flattened (float64 on
-    the host; a CUDA array stays a device view, converted by the device)."""
-    if a is None:
-        return None
+def _vector(name, a, op, on_gpu, shape, per):
+    """A real array of ``shape`` (``per`` says what its values belong to, for the message),
+    flattened: float64 on the host; a CUDA array stays a (C-contiguous) device view, which the
+    device converts."""
     cuda_array = is_cuda_array(a)
     arr = device_view(a, name) if cuda_array else np.asarray(a)
     if arr.dtype.kind not in "fiu":
         raise TypeError(f"{name} must be a real-valued array, got dtype {arr.dtype} "
                         f"(shape {arr.shape})")
-    if tuple(arr.shape) != op.parameter_shape:
-        raise ValueError(f"{op.name}: {name} must have shape {op.parameter_shape}, one value per "
-                         f"element of {op.where}, got shape {tuple(arr.shape)}")
+    if tuple(arr.shape) != shape:
+        raise ValueError(f"{op.name}: {name} must have shape {shape}, one value per {per}, got "
+                         f"shape {tuple(arr.shape)}")
     if cuda_array:
         if not on_gpu:
             raise TypeError(f"{name} is a CUDA array, but x is a NumPy array computed on the CPU;"
                             f" pass {name} as a NumPy array, or x on the GPU")
         gpu_contiguous(name, arr)
         return arr.reshape(-1)
-    return arr.astype(np.float64).reshape(-1)
+    return np.ascontiguousarray(arr, np.float64).reshape(-1)
+
+
+def _parameter(name, a, op, on_gpu):
+    """gamma or beta: None, or a real array of the op's parameter shape (``_vector``)."""
+    if a is None:
+        return None
+    return _vector(name, a, op, on_gpu, op.parameter_shape, f"element of {op.where}")
 
 
 def _statistic(name, a, op, on_gpu):
-    """stats.mean or stats.invstd: an array of the op's statistics shape (float64 on the host)."""
-    cuda_array = is_cuda_array(a)
-    arr = device_view(a, name) if cuda_array else np.asarray(a)
-    if arr.dtype.kind not in "fiu":
-        raise TypeError(f"{name} must be a real-valued array, got dtype {arr.dtype} "
-                        f"(shape {arr.shape})")
-    if tuple(arr.shape) != op.stats_shape:
-        raise ValueError(f"{op.name}: {name} must have shape {op.stats_shape}, one value per "
-                         f"normalized group of x, got shape {tuple(arr.shape)}")
-    if cuda_array:
-        if not on_gpu:
-            raise TypeError(f"{name} is a CUDA array, but x is a NumPy array computed on the CPU")
-        gpu_contiguous(name, arr)
-        return arr.reshape(-1)
-    return np.ascontiguousarray(arr, np.float64).reshape(-1)
+    """stats.mean or stats.invstd: a real array of the op's statistics shape (``_vector``)."""
+    return _vector(name, a, op, on_gpu, op.stats_shape, "normalized group of x")
 
 
 class _Forward(NamedTuple):
@@ -567,7 +560,6 @@ def instance_norm(x, gamma=None, beta=None, *, eps=1e-5, running_mean=None, runn
         running("running_mean", running_mean, x, 1, training, on_gpu)
         running("running_var", running_var, x, 1, training, on_gpu)
         if training:
-            from ._arrays import overlaps
             for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
                 for other, a in (("x", x), ("out", call.out),
                                  ("running_var", running_var if stat is running_mean else None)):
@@ -578,8 +570,9 @@ def instance_norm(x, gamma=None, beta=None, *, eps=1e-5, running_mean=None, runn
                          f"running_var, which were not given (x of shape {x.shape})")
     if not training:
         host = where_lives(running_mean)
-        mean = np.repeat(host.to_host(running_mean)[None].astype(np.float64), x.shape[0], 0)
-        var = np.repeat(host.to_host(running_var)[None].astype(np.float64), x.shape[0], 0)
+        mean, var = (np.repeat(host.to_host(device_view(a) if is_cuda_array(a) else a)[None]
+                               .astype(np.float64), x.shape[0], 0)
+                     for a in (running_mean, running_var))
         invstd = 1.0 / np.sqrt(var + call.eps)
         device = call.device
         rows = mean.size

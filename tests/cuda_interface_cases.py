@@ -704,3 +704,17 @@ def test_family_layer_on_the_gpu(rng):
     assert_close(host(dx), dx_expected, 1e-5, "dx")
     with pytest.raises(TypeError, match="gamma is a CUDA array"):
         fastbn.layer_norm(x, 7, cuda.to_device(np.ones(7, np.float32)))
+
+
+def test_family_instance_norm_interface_running_statistics(rng):
+    x = (rng.standard_normal((2, 3, 9)) + 1).astype(np.float32)
+    rm, rv = rng.uniform(-1, 1, 3), rng.uniform(0.5, 2, 3)
+    frm, frv = FakeCudaArray(rm.copy()), FakeCudaArray(rv.copy())
+    y, _ = fastbn.instance_norm(FakeCudaArray(x), running_mean=frm, running_var=frv,
+                                training=False)
+    expected, _ = fastbn.instance_norm(x, running_mean=rm, running_var=rv, training=False)
+    assert_close(host(y), expected, 1e-5, "eval with interface running statistics")
+    fastbn.instance_norm(FakeCudaArray(x), running_mean=frm, running_var=frv)
+    fastbn.instance_norm(x, running_mean=rm, running_var=rv)
+    assert_close(frm.host(), rm, 1e-12, "running_mean updated through the interface")
+    assert_close(frv.host(), rv, 1e-12, "running_var")
