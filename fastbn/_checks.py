@@ -472,9 +472,9 @@ def _lean_out(out, x, x3):
     The lean path takes None (a new array), x, or a C-contiguous writable array like x."""
     if out is None:
         out = _outputs.empty(x.shape, x.dtype)
-    elif not (out is x or (type(out) is np.ndarray and out.dtype == x.dtype
-                           and out.shape == x.shape and out.flags.c_contiguous
-                           and out.flags.writeable)):
+    elif not (type(out) is np.ndarray and out.flags.writeable  # x itself may be read-only
+              and (out is x or (out.dtype == x.dtype and out.shape == x.shape
+                                and out.flags.c_contiguous))):
         return None
     return out, out.reshape(x3.shape)
 

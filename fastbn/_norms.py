@@ -322,7 +322,8 @@ def _lean_forward(name, x, arg, gamma, beta, eps, out, device, centred=True):
         return None
     if out is None:
         y = _outputs.empty(x.shape, x.dtype)
-    elif out is x or (_lean_like(out, x) and out.flags.writeable and _apart(out, x)):
+    elif out is x and x.flags.writeable or (_lean_like(out, x) and out.flags.writeable
+                                            and _apart(out, x)):
         y = out
     else:
         return None
@@ -359,8 +360,8 @@ def _lean_backward(name, dy, x, stats, arg, gamma, out, device, training=True, c
         return None
     if out is None:
         dx = _outputs.empty(x.shape, x.dtype)
-    elif out is x or out is dy or (_lean_like(out, x) and out.flags.writeable
-                                   and _apart(out, x) and _apart(out, dy)):
+    elif (out is x or out is dy) and out.flags.writeable or (
+            _lean_like(out, x) and out.flags.writeable and _apart(out, x) and _apart(out, dy)):
         dx = out
     else:
         return None

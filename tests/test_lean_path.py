@@ -164,3 +164,19 @@ def test_lean_path_in_place_and_aliased(rng, lean_calls):
     dx = fastbn.backward(dy_in_place, x, stats, out=dy_in_place)[0]
     assert dx is dy_in_place and np.array_equal(dx, dx_expected)
     assert lean_calls == ["batch_norm"] * 2 + ["batch_norm_backward"] * 2
+
+
+def test_read_only_x_as_out_is_refused(rng):
+    """out=x (or dy) that is read-only: the lean path hands it to the full checks, which refuse
+    it (it used to reach the compiled code, which failed to compile a store into it)."""
+    x = rng.standard_normal((8, 3))
+    x.flags.writeable = False
+    dy = x.copy()
+    dy.flags.writeable = False
+    _, stats = fastbn.forward(x)
+    with pytest.raises(ValueError, match="out is read-only"):
+        fastbn.forward(x, out=x)
+    with pytest.raises(ValueError, match="out is read-only"):
+        fastbn.backward(dy, x, stats, out=dy)
+    with pytest.raises(ValueError, match="out is read-only"):
+        fastbn.backward(dy, x, stats, out=x)

@@ -420,6 +420,21 @@ def test_partly_overlapping_out_is_refused(rng):
     snapshot.assert_unchanged()
 
 
+def test_read_only_x_or_dy_as_out_is_refused(rng):
+    x = rng.standard_normal((4, 6, 5))
+    x.flags.writeable = False
+    dy = x.copy()
+    dy.flags.writeable = False
+    for case in (Norm("layer", x.shape, 5, "layer"), Norm("group", x.shape, 3, "group"),
+                 Norm("instance", x.shape, None, "group"), Norm("rms", x.shape, 5, "layer")):
+        _, stats = case.forward(x)
+        with pytest.raises(ValueError, match="out is read-only"):
+            case.forward(x, out=x)
+        for out in (x, dy):
+            with pytest.raises(ValueError, match="out is read-only"):
+                case.backward(dy, x, stats, out=out)
+
+
 def test_running_statistics_untouched_on_error(rng):
     x = rng.standard_normal((2, 3, 8))
     rm, rv = np.zeros(3), np.ones(3)
