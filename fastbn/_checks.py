@@ -193,6 +193,34 @@ def gpu_contiguous(name, a):
                          f"the GPU; make a contiguous copy first")
 
 
+def gradient_of(name, a, x):
+    """dy: a data array of x's dtype and shape."""
+    arr = data(name, a)
+    if arr.dtype != x.dtype:
+        raise TypeError(f"{name} must have x's dtype {x.dtype}, got {arr.dtype} "
+                        f"(shape {arr.shape})")
+    if arr.shape != x.shape:
+        raise ValueError(f"{name} must have x's shape {x.shape}, got {arr.shape}")
+    return arr
+
+
+def gradient_dtype(gamma, x):
+    """The dtype of dgamma and dbeta: gamma's if it is floating, else x's (float32 or float64 on
+    the GPU)."""
+    dtype = x.dtype
+    if gamma is not None:
+        gamma_dtype = device_view(gamma).dtype if is_cuda_array(gamma) else np.asarray(gamma).dtype
+        dtype = gamma_dtype if gamma_dtype.kind == "f" else x.dtype
+    return dtype
+
+
+def gpu_gradient_dtype(dtype):
+    """On the GPU, dgamma and dbeta must be float32 or float64."""
+    if dtype not in DATA_DTYPES:
+        raise TypeError(f"on the GPU, gamma must be float32 or float64 (dgamma and dbeta take "
+                        f"its dtype), got {dtype}")
+
+
 ACTIVATIONS = (None, "relu")
 
 
@@ -375,11 +403,7 @@ def check_backward(dy, x, stats, gamma, axis, training, out, device, stream=None
     device = choose_device(device, dy, x, out, y, dresidual)
     on_gpu = device.NAME == "cuda"
     x = data("x", x)
-    dy = data("dy", dy)
-    if dy.dtype != x.dtype:
-        raise TypeError(f"dy must have x's dtype {x.dtype}, got {dy.dtype} (shape {dy.shape})")
-    if dy.shape != x.shape:
-        raise ValueError(f"dy must have x's shape {x.shape}, got {dy.shape}")
+    dy = gradient_of("dy", dy, x)
     axis = channel_axis(axis, x)
     training = flag("training", training)
     try:
@@ -390,10 +414,7 @@ def check_backward(dy, x, stats, gamma, axis, training, out, device, stream=None
     channels, where = x.shape[axis], of_x(x, axis)
     mean = per_channel("stats.mean", mean, channels, where, on_gpu)
     invstd = per_channel("stats.invstd", invstd, channels, where, on_gpu)
-    grad_dtype = x.dtype
-    if gamma is not None:
-        gamma_dtype = device_view(gamma).dtype if is_cuda_array(gamma) else np.asarray(gamma).dtype
-        grad_dtype = gamma_dtype if gamma_dtype.kind == "f" else x.dtype
+    grad_dtype = gradient_dtype(gamma, x)
     gamma = per_channel("gamma", gamma, channels, where, on_gpu)
     if activation_value(activation):
         if y is None:
@@ -415,9 +436,7 @@ def check_backward(dy, x, stats, gamma, axis, training, out, device, stream=None
     if on_gpu:
         gpu_contiguous("x", x)
         gpu_contiguous("dy", dy)
-        if grad_dtype not in DATA_DTYPES:
-            raise TypeError(f"on the GPU, gamma must be float32 or float64 (dgamma and dbeta take "
-                            f"its dtype), got {grad_dtype}")
+        gpu_gradient_dtype(grad_dtype)
     arrays = {"dy": dy, "x": x, "out": out, "gamma": gamma, "stats.mean": mean,
               "stats.invstd": invstd}
     arrays.update((name, a) for name, a in (("y", y), ("dresidual", dresidual)) if a is not None)

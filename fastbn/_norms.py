@@ -34,6 +34,9 @@ from ._checks import (
     eps_value,
     flag,
     gpu_contiguous,
+    gpu_gradient_dtype,
+    gradient_dtype,
+    gradient_of,
     momentum_value,
     running,
     where_lives,
@@ -226,11 +229,7 @@ def _check_backward(dy, x, stats, grouping, gamma, out, device, stream, centred=
     device = choose_device(device, dy, x, out)
     on_gpu = device.NAME == "cuda"
     x = data("x", x)
-    dy = data("dy", dy)
-    if dy.dtype != x.dtype:
-        raise TypeError(f"dy must have x's dtype {x.dtype}, got {dy.dtype} (shape {dy.shape})")
-    if dy.shape != x.shape:
-        raise ValueError(f"dy must have x's shape {x.shape}, got {dy.shape}")
+    dy = gradient_of("dy", dy, x)
     op = grouping(x)
     try:
         mean, invstd = stats
@@ -246,18 +245,13 @@ def _check_backward(dy, x, stats, grouping, gamma, out, device, stream, centred=
         raise ValueError("rms_norm_backward: stats.mean must be None, as rms_norm returns it "
                          "(RMS norm does not centre)")
     invstd = _statistic("stats.invstd", invstd, op, on_gpu)
-    grad_dtype = x.dtype
-    if gamma is not None:
-        gamma_dtype = device_view(gamma).dtype if is_cuda_array(gamma) else np.asarray(gamma).dtype
-        grad_dtype = gamma_dtype if gamma_dtype.kind == "f" else x.dtype
+    grad_dtype = gradient_dtype(gamma, x)
     gamma = _parameter("gamma", gamma, op, on_gpu)
     check_out(out, x, x=x, dy=dy)
     if on_gpu:
         gpu_contiguous("x", x)
         gpu_contiguous("dy", dy)
-        if grad_dtype not in DATA_DTYPES:
-            raise TypeError(f"on the GPU, gamma must be float32 or float64 (dgamma and dbeta take "
-                            f"its dtype), got {grad_dtype}")
+        gpu_gradient_dtype(grad_dtype)
     device = call_steps(device, stream, dy=dy, x=x, out=out, gamma=gamma, **{
         "stats.mean": mean, "stats.invstd": invstd})
     return _Backward(device, op, dy, x, mean, invstd, gamma, grad_dtype, out)
