@@ -81,7 +81,12 @@ COLUMN_BLOCK = 4096  # rows: columns per work item. Rows up to this wide are rea
 #                      took 1.4 times as long); the float64 accumulators, 96 KB, stay in L2
 MIN_WORK_ITEMS = 16  # work items a tensor is cut into at the least, so that every core has work
 FOLD_WIDTH = 64  # rows: rows narrower than this are read several at a time (_rows_of)
-PARALLEL_MIN = 1 << 15  # smaller tensors run on the calling thread: waking others costs more
+PARALLEL_MIN = 1 << 18  # work (values × the step's COST) under which a call runs on the calling
+#                        thread. On two cores a batch-norm forward plus backward of 2^18 float32
+#                        values takes about 0.3 ms serially and gains at most 1.5x on the pool;
+#                        under it, waking the pool (and taking a core from NumPy's BLAS, which a
+#                        training loop calls next) costs more than it saves (docs/threads.md)
+FAMILY_COST = 4  # the family's rows kernels spend about 4 times batch norm's time per value
 PLANAR_RUN = 32  # planar kernels need runs this long to pay; shorter ones are read as rows
 FUSE_MIN = 1 << 23  # planar training ops on tensors of this many bytes or more run each channel
 #                     in one work item (reduction, then the map while the channel is in cache),
@@ -123,6 +128,27 @@ SERIAL = "serial"  # a forked child of a process whose GNU OpenMP pool had start
 _policy = None  # chosen at the first call, when Numba starts its pool
 _pool_lock = threading.Lock()
 
+# GNU OpenMP's idle workers spin for 300,000 rounds (milliseconds here) after each parallel
+# region before they sleep. In a training loop the next thing to run is NumPy's BLAS, whose
+# threads then wait for the cores that Numba's spinning worker holds: a NumPy layer-norm loop ran
+# 6 times slower (docs/threads.md). A short spin still joins the back-to-back regions of one op.
+# libgomp reads this when it is loaded, which is when Numba first starts its pool: so it is set
+# at import, and never over a value the user chose.
+IDLE_SPIN = "2000"
+WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
+def _shorten_idle_spin(environ=os.environ):
+    """Set ``GOMP_SPINCOUNT=IDLE_SPIN`` unless the user set either of WAIT_VARIABLES; returns
+    whether it did."""
+    if any(name in environ for name in WAIT_VARIABLES):
+        return False
+    environ["GOMP_SPINCOUNT"] = IDLE_SPIN
+    return True
+
+
+_shorten_idle_spin()
+
 
 def execution_policy():
     """How the parallel builds run in this process: ``PARALLEL``, ``LOCKED`` or ``SERIAL``."""
@@ -160,8 +186,8 @@ class _Twin:
     nested three deep made a cold start about 1.4 times as long.
     """
 
-    def __init__(self, py_func, kernel, options):
-        self._py_func, self._kernel, self._options = py_func, kernel, options
+    def __init__(self, py_func, kernel, options, cost=1):
+        self._py_func, self._kernel, self._options, self._cost = py_func, kernel, options, cost
         self._builds = {}
         functools.update_wrapper(self, py_func)
 
@@ -202,11 +228,12 @@ class _Twin:
         return self._build(serial=True)
 
     def build(self, size):
-        """The build to run from Python for a tensor of ``size`` values: serial for fewer than
-        PARALLEL_MIN (waking the pool costs more than such a tensor's work) or in a forked child,
-        else parallel (one call at a time under LOCKED)."""
+        """The build to run from Python for a tensor of ``size`` values: serial where its work
+        (``size`` times the step's cost per value) is under PARALLEL_MIN (waking the pool costs
+        more than it saves) or in a forked child, else parallel (one call at a time under
+        LOCKED)."""
         policy = _policy or execution_policy()
-        if size < PARALLEL_MIN or policy is SERIAL:
+        if size * self._cost < PARALLEL_MIN or policy is SERIAL:
             return self.serial
         return self._locked if policy is LOCKED else self.parallel
 
@@ -226,9 +253,12 @@ def _kernel(py_func=None, **options):
     return _Twin(py_func, True, dict(_helper, **options))
 
 
-def _step(py_func):
-    """A step: compiled code that calls kernels and steps, callable from Python."""
-    return _Twin(py_func, False, _jit)
+def _step(py_func=None, cost=1):
+    """A step: compiled code that calls kernels and steps, callable from Python. ``cost``: its
+    time per value relative to batch norm's steps, for the choice of build."""
+    if py_func is None:
+        return lambda f: _step(f, cost)
+    return _Twin(py_func, False, _jit, cost)
 
 
 def _blocks():
@@ -1501,19 +1531,19 @@ def _rows_normalize_backward(dy2, x2, dx2, runs, groups, mean, invstd, gamma, tr
             _store_fence()
 
 
-@_step
+@_step(cost=FAMILY_COST)
 def _group_forward(x2, y2, runs, groups, gamma, beta, eps, centred, stats, blocks):
     _rows_normalize(x2, y2, runs, groups, gamma, beta, eps, centred, stats, blocks[0],
                     _LARGE_PATHS and runs < x2.shape[1] and _streams_runs(y2, runs, blocks))
 
 
-@_step
+@_step(cost=FAMILY_COST)
 def _group_normalize_with(x2, y2, runs, groups, mean, invstd, gamma, beta, blocks):
     _rows_normalize_with(x2, y2, runs, groups, mean, invstd, gamma, beta,
                          _LARGE_PATHS and runs < x2.shape[1] and _streams_runs(y2, runs, blocks))
 
 
-@_step
+@_step(cost=FAMILY_COST)
 def _group_backward(dy2, x2, dx2, runs, groups, mean, invstd, gamma, training, grads, blocks):
     rows = x2.shape[0]
     per_block = max(1, (rows + blocks[11] - 1) // blocks[11])  # from the shape alone: fixed sums
