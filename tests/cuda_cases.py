@@ -257,7 +257,7 @@ def test_python_m_fastbn_checks_and_times_the_gpu(monkeypatch, capsys):
     layout = next(layout._replace(large=layout.small) for layout in LAYOUTS
                   if layout.name == "NCHW")
     monkeypatch.setattr(fastbn.__main__, "LAYOUTS", [layout])
-    assert fastbn.__main__.main(["--device", "cuda", "--repeat", "1"]) == 0
+    assert fastbn.__main__.main(["--device", "cuda", "--bench", "--repeat", "1"]) == 0
     out = capsys.readouterr().out
     shape = "x".join(map(str, layout.small))
     assert "ok" in out and "FAILED" not in out, out

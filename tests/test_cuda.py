@@ -83,7 +83,7 @@ def test_launches_are_configured_once_without_the_warning():
 def test_python_m_fastbn_device_cuda(where):
     """``python -m fastbn --device cuda``: the table on a GPU; without one, a one-line message
     that says what is missing, and exit status 1 without a traceback."""
-    proc = run_python("-m", "fastbn", "--device", "cuda", "--repeat", "1",
+    proc = run_python("-m", "fastbn", "--device", "cuda", "--bench", "--repeat", "1",
                       env={"NUMBA_ENABLE_CUDASIM": None}, timeout=900, check=False)
     output = proc.stdout + proc.stderr
     if where == "real GPU":
