@@ -77,8 +77,12 @@ def data(name, a):
     """x or dy: a float32 or float64 NumPy array, or a device view of a CUDA one."""
     arr = device_view(a, name) if is_cuda_array(a) else np.asarray(a)
     if arr.dtype not in DATA_DTYPES:
-        hint = ("; cast float16 data to float32 (fastbn computes in float64 either way)"
-                if arr.dtype == np.float16 else "")
+        hint = ""
+        if arr.dtype == np.float16:
+            hint = "; cast float16 data to float32 (fastbn computes in float64 either way)"
+        elif arr.dtype.kind in "iubf":  # integers, bools, other floats: a cast fixes them
+            target = "np.float32" if name == "x" else "x.dtype"  # dy, residual: x's dtype
+            hint = f"; cast it to float32 or float64 first ({name}.astype({target}))"
         raise TypeError(f"{name} must be a float32 or float64 array in native byte order, got "
                         f"dtype {arr.dtype} (shape {arr.shape}){hint}")
     return arr

@@ -3,6 +3,7 @@
 ``InstanceNorm1d/2d/3d`` and ``RMSNorm``. Each is called on a batch (``y = layer(x)``), then
 ``dx = layer.backward(dy)``; ``params()`` and ``grads()`` give the parameters and their
 gradients, ``state_dict()`` uses PyTorch's keys."""
+import math
 import numbers
 
 import numpy as np
@@ -10,6 +11,11 @@ import numpy as np
 from . import _norms
 from ._arrays import device_view, is_cuda_array
 from ._internal import DATA_DTYPES, activation_value, backward, eps_value, forward
+
+# What the ops' errors for too little data in training say (fastbn._checks.too_few_values,
+# fastbn._norms.instance_norm): a layer recognizes them by it, and adds what to do.
+_TOO_FEW_VALUES = "more than one value per channel"
+_TOO_FEW_SPATIAL = "more than one spatial value per channel"
 
 
 class _Layer:
@@ -186,6 +192,33 @@ class BatchNorm(_Layer):
                 f"momentum={self.momentum}, affine={self.affine}, "
                 f"track_running_stats={self.track_running_stats}{activation})")
 
+    def _name(self):
+        """The layer as error messages name it: as constructed, the main arguments."""
+        axis = "" if self.axis == 1 else f", axis={self.axis}"
+        return f"{type(self).__name__}({self.num_features}{axis})"
+
+    def _check_features(self, shape):
+        """Raise if x (of ``shape``) lacks ``num_features`` channels on the channel axis; an x
+        without that axis is left to the op, whose error says so."""
+        ndim, axis, features = len(shape), self.axis, self.num_features
+        if ndim < 2 or not -ndim <= axis < ndim or shape[axis] == features:
+            return
+        hint = ""
+        if axis % ndim != ndim - 1 and shape[-1] == features:
+            hint = "; if x's channels are on its last axis, construct the layer with axis=-1"
+        elif axis % ndim != 1 and shape[1] == features:
+            hint = "; if x's channels are on axis 1, construct the layer with axis=1"
+        raise ValueError(f"{self._name()} expects {features} features on axis {axis}, but x of "
+                         f"shape {shape} has {shape[axis]} there{hint}")
+
+    def _single_sample_hint(self):
+        if self.track_running_stats:
+            return ("to normalize a single sample with the running statistics, call the layer's "
+                    ".eval() first")
+        return ("eval mode would not help: without running statistics "
+                "(track_running_stats=False) the layer normalizes with the batch's statistics "
+                "in eval mode too")
+
     # -- forward and backward -------------------------------------------------------------------
 
     def __call__(self, x, residual=None):
@@ -201,9 +234,14 @@ class BatchNorm(_Layer):
             momentum = 1.0 / (self.num_batches_tracked + 1)  # the cumulative average
         running = (self.running_mean, self.running_var) if self.track_running_stats and \
             (updating or not batch_stats) else (None, None)
-        y, stats = self._forward(x, self.gamma, self.beta, self.axis, batch_stats, running[0],
-                                 running[1], 0.0 if momentum is None else momentum, self.eps,
-                                 residual, self.activation)
+        try:
+            y, stats = self._forward(x, self.gamma, self.beta, self.axis, batch_stats,
+                                     running[0], running[1], 0.0 if momentum is None else momentum,
+                                     self.eps, residual, self.activation)
+        except ValueError as error:
+            if not (batch_stats and _TOO_FEW_VALUES in str(error)):
+                raise
+            raise ValueError(f"{self._name()}: {error}; {self._single_sample_hint()}") from None
         if updating:
             self.num_batches_tracked += 1
         self._saved = x, stats, batch_stats, None if self.activation is None else y, \
@@ -227,6 +265,11 @@ class BatchNorm(_Layer):
     # these twice, and packing and unpacking **options costs a small tensor's microsecond.
     def _forward(self, x, gamma, beta, axis, training, running_mean, running_var, momentum, eps,
                  residual, activation):
+        # x's channel count is checked here and not in forward: SyncBatchNorm's op is
+        # collective, and its errors must reach the other ranks through it.
+        shape = x.shape if type(x) is np.ndarray else _shape_of(x)
+        if not -len(shape) <= axis < len(shape) or shape[axis] != self.num_features:
+            self._check_features(shape)
         return forward(x, gamma, beta, axis=axis, training=training, running_mean=running_mean,
                        running_var=running_var, momentum=momentum, eps=eps, stream=self.stream,
                        residual=residual, activation=activation)
@@ -302,7 +345,27 @@ class _Family(_Layer):
 
 
 def _shape_of(x):
-    return tuple(device_view(x).shape if is_cuda_array(x) else np.shape(x))
+    """x's shape, read without copying x: a CUDA array's own ``shape`` where it has one (a
+    Numba view of it costs microseconds)."""
+    if is_cuda_array(x):
+        shape = getattr(x, "shape", None)
+        return tuple(device_view(x).shape if shape is None else shape)
+    return tuple(np.shape(x))
+
+
+def _last_axes_error(layer, shape):
+    """The error for an x (of ``shape``) that does not end in the layer's ``normalized_shape``."""
+    expected = layer.normalized_shape
+    k, ndim = len(expected), len(shape)
+    if k == 1:
+        wanted = f"{expected[0]} features on x's last axis (normalized_shape {expected})"
+    else:
+        wanted = f"x's last {k} axes to be {expected} (normalized_shape)"
+    if ndim < k:
+        found = f"has only {ndim} ax{'i' if ndim == 1 else 'e'}s"
+    else:
+        found = f"has {shape[-1] if k == 1 else shape[-k:]} there"
+    return ValueError(f"{layer._name()} expects {wanted}, but x of shape {shape} {found}")
 
 
 def _shape(normalized_shape):
@@ -353,8 +416,15 @@ class LayerNorm(_Family):
         return (f"{type(self).__name__}({self.normalized_shape}, eps={self.eps}, "
                 f"elementwise_affine={self.affine}, bias={self.beta is not None})")
 
+    def _name(self):
+        shape = self.normalized_shape
+        return f"{type(self).__name__}({shape[0] if len(shape) == 1 else shape})"
+
     def forward(self, x):
         """``y``: each sample normalized over the last axes, scaled and shifted."""
+        shape = x.shape if type(x) is np.ndarray else _shape_of(x)
+        if shape[-len(self.normalized_shape):] != self.normalized_shape:
+            raise _last_axes_error(self, shape)
         return self._remember(x, _norms.layer_norm(x, self.normalized_shape, self.gamma,
                                                    self.beta, eps=self.eps, stream=self.stream))
 
@@ -387,8 +457,13 @@ class RMSNorm(_Family):
         return (f"{type(self).__name__}({self.normalized_shape}, eps={self.eps}, "
                 f"elementwise_affine={self.affine})")
 
+    _name = LayerNorm._name
+
     def forward(self, x):
         """``y = γ·x / sqrt(mean(x²) + eps)`` over the last axes."""
+        shape = x.shape if type(x) is np.ndarray else _shape_of(x)
+        if shape[-len(self.normalized_shape):] != self.normalized_shape:
+            raise _last_axes_error(self, shape)
         return self._remember(x, _norms.rms_norm(x, self.normalized_shape, self.gamma,
                                                  eps=self.eps, stream=self.stream))
 
@@ -427,12 +502,15 @@ class GroupNorm(_Family):
         return (f"{type(self).__name__}({self.num_groups}, {self.num_channels}, eps={self.eps}, "
                 f"affine={self.affine})")
 
+    def _name(self):
+        return f"{type(self).__name__}({self.num_groups}, {self.num_channels})"
+
     def forward(self, x):
         """``y``: each group of channels of each sample normalized, scaled and shifted."""
-        shape = _shape_of(x)
-        if len(shape) >= 2 and shape[1] != self.num_channels:
-            raise ValueError(f"{self!r} expects {self.num_channels} channels (axis 1), got x of "
-                             f"shape {shape}")
+        shape = x.shape if type(x) is np.ndarray else _shape_of(x)
+        if len(shape) >= 2 and shape[1] != self.num_channels:  # fewer axes: the op says so
+            raise ValueError(f"{self._name()} expects {self.num_channels} channels on axis 1, "
+                             f"but x of shape {shape} has {shape[1]} there")
         return self._remember(x, _norms.group_norm(x, self.num_groups, self.gamma, self.beta,
                                                    eps=self.eps, stream=self.stream))
 
@@ -495,23 +573,41 @@ class _InstanceNorm(_Family):
                 f"momentum={self.momentum}, affine={self.affine}, "
                 f"track_running_stats={self.track_running_stats})")
 
+    def _name(self):
+        return f"{type(self).__name__}({self.num_features})"
+
     def forward(self, x):
         """``y``; in training mode with running statistics, also updates them."""
-        shape = _shape_of(x)
+        shape = x.shape if type(x) is np.ndarray else _shape_of(x)
         if len(shape) not in self.ranks:
             raise ValueError(f"{type(self).__name__} takes inputs of {self.ranks[0]} dimensions "
                              f"(N, C, spatial...), got shape {tuple(shape)}")
         if shape[1] != self.num_features:
-            raise ValueError(f"{self!r} expects {self.num_features} channels (axis 1), got x of "
-                             f"shape {tuple(shape)}")
+            raise ValueError(f"{self._name()} expects {self.num_features} features on axis 1, "
+                             f"but x of shape {shape} has {shape[1]} there")
         own = self.training or not self.track_running_stats
         running = self.track_running_stats and (self.training or not own)
-        result = _norms.instance_norm(
-            x, self.gamma, self.beta, eps=self.eps,
-            running_mean=self.running_mean if running else None,
-            running_var=self.running_var if running else None, training=own,
-            momentum=0.0 if self.momentum is None else self.momentum, stream=self.stream)
+        try:
+            result = _norms.instance_norm(
+                x, self.gamma, self.beta, eps=self.eps,
+                running_mean=self.running_mean if running else None,
+                running_var=self.running_var if running else None, training=own,
+                momentum=0.0 if self.momentum is None else self.momentum, stream=self.stream)
+        except ValueError as error:
+            if not (own and _TOO_FEW_SPATIAL in str(error)):
+                raise
+            raise self._one_value_error(shape) from None
         return self._remember(x, result, own)
+
+    def _one_value_error(self, shape):
+        found = (f"needs more than one spatial value per channel, but x of shape {shape} has "
+                 f"{math.prod(shape[2:])}")
+        if self.track_running_stats:
+            return ValueError(f"{self._name()} in training {found}; to normalize with the running "
+                              f"statistics instead, call the layer's .eval() first")
+        return ValueError(f"{self._name()} normalizes each channel of each sample with its own "
+                          f"statistics, in eval mode too (it has no running statistics: "
+                          f"track_running_stats=False), and {found}")
 
     def backward(self, dy):
         """``dx`` for ``dy`` of the last forward; ``grads()`` then holds dgamma, dbeta."""

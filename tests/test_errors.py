@@ -104,6 +104,11 @@ def test_forward_x_bad_dtype(dtype, rng):
     msg = check_raises(TypeError, X, [str(SHAPE), "float32 or float64"], *args, **kw)
     if dtype is np.float16:
         assert "cast float16 data to float32" in msg
+    cast = "; cast it to float32 or float64 first (x.astype(np.float32))"
+    if np.dtype(dtype).kind in "iub":
+        assert msg.endswith(cast), msg
+    else:  # a cast would lose the imaginary part, or cannot be guessed
+        assert cast not in msg, msg
 
 
 def test_forward_out_dtype(rng):
@@ -295,7 +300,9 @@ def test_backward_dy_bad_dtype(dtype, rng):
     kw = bwd_kwargs(rng, out=None)
     kw["dy"] = kw["dy"].astype(dtype)
     args, kw = call_backward(kw)
-    check_raises(TypeError, "dy", [], *args, **kw)
+    msg = check_raises(TypeError, "dy", [], *args, **kw)
+    if np.dtype(dtype).kind in "iub":  # dy must have x's dtype: the hint says so
+        assert msg.endswith("; cast it to float32 or float64 first (dy.astype(x.dtype))"), msg
 
 
 @pytest.mark.parametrize("dtype", [np.int64, np.bool_, np.complex128, np.float16],

@@ -1,4 +1,6 @@
 """fastbn.BatchNorm: step for step against the float64 reference and torch.nn.BatchNorm*d."""
+import re
+
 import numpy as np
 import pytest
 
@@ -109,6 +111,130 @@ def test_failed_calls_change_nothing(training, rng):
         np.ones_like(y), x, fastbn.forward(x, training=True)[1] if training else
         fastbn.BatchStats(np.zeros(3), np.full(3, 1 / np.sqrt(1 + 1e-5))), bn.gamma,
         training=training)[0])
+
+
+def _trained(bn, rng, shape=(4, 3)):
+    """``bn`` after a forward and backward, and what must survive a failed call: its state,
+    gradients, and the forward that backward differentiates."""
+    y = bn(make_x(rng, shape, bn.axis, np.float32))
+    bn.backward(np.ones_like(y))
+    return _everything(bn), bn._saved
+
+
+def _unchanged(bn, before):
+    state, saved = before
+    assert _same(state, _everything(bn)) and bn._saved is saved
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("affine,track", [(True, True), (False, True), (True, False),
+                                          (False, False)],
+                         ids=["affine+running", "running", "affine", "neither"])
+@pytest.mark.parametrize("cls", [fastbn.BatchNorm, fastbn.BatchNorm1d])
+def test_wrong_feature_count_names_the_layer(cls, affine, track, training, rng):
+    """Whatever the layer holds (PyTorch raises in every case), the message is the layer's: as
+    constructed, the count it expects, the axis, and x's shape; nothing changes."""
+    bn = cls(100, affine=affine, track_running_stats=track)
+    before = _trained(bn, rng, (4, 100))
+    bn.train(training)
+    expected = (f"{cls.__name__}(100) expects 100 features on axis 1, but x of shape (64, 128) "
+                f"has 128 there")
+    with pytest.raises(ValueError, match=re.escape(expected) + "$"):
+        bn(np.ones((64, 128), np.float32))
+    _unchanged(bn, before)
+
+
+@pytest.mark.parametrize("make,shape,words", [
+    (lambda: fastbn.BatchNorm2d(3), (8, 32, 32, 3),
+     "BatchNorm2d(3) expects 3 features on axis 1, but x of shape (8, 32, 32, 3) has 32 there; "
+     "if x's channels are on its last axis, construct the layer with axis=-1"),
+    (lambda: fastbn.BatchNorm(4, axis=-1), (2, 4, 5),
+     "BatchNorm(4, axis=-1) expects 4 features on axis -1, but x of shape (2, 4, 5) has 5 there; "
+     "if x's channels are on axis 1, construct the layer with axis=1"),
+    (lambda: fastbn.BatchNorm(4, axis=-1), (2, 3, 5),
+     "BatchNorm(4, axis=-1) expects 4 features on axis -1, but x of shape (2, 3, 5) has 5 there"),
+])
+def test_wrong_feature_count_on_another_axis(make, shape, words, rng):
+    bn = make()
+    with pytest.raises(ValueError, match=re.escape(words) + "$"):
+        bn(np.ones(shape, np.float32))
+    assert bn.num_batches_tracked == 0 and bn._saved is None
+
+
+def test_wrong_feature_count_of_a_list():
+    bn = fastbn.BatchNorm(3)
+    with pytest.raises(ValueError, match=re.escape("BatchNorm(3) expects 3 features on axis 1, "
+                                                   "but x of shape (4, 5) has 5 there")):
+        bn(np.ones((4, 5)).tolist())
+    assert bn.num_batches_tracked == 0 and bn._saved is None
+
+
+def test_x_without_the_channel_axis_gets_the_ops_message():
+    with pytest.raises(ValueError, match=re.escape("x must have at least 2 dimensions")):
+        fastbn.BatchNorm(5)(np.ones(5, np.float32))
+    with pytest.raises(ValueError, match=re.escape("axis 3 is out of range for x of shape (2, 5)")):
+        fastbn.BatchNorm(5, axis=3)(np.ones((2, 5), np.float32))
+
+
+@pytest.mark.parametrize("shape", [(1, 100), (1, 100, 1), (0, 100)])
+def test_a_batch_of_one_in_training_suggests_eval(shape, rng):
+    bn = fastbn.BatchNorm1d(100)
+    before = _trained(bn, rng, (4, 100))
+    x = np.ones(shape, np.float32)
+    with pytest.raises(ValueError, match=re.escape(
+            f"BatchNorm1d(100): training needs more than one value per channel, but x of shape "
+            f"{shape} has {shape[0]} per channel (channel axis 1); to normalize a single sample "
+            f"with the running statistics, call the layer's .eval() first")):
+        bn(x)
+    _unchanged(bn, before)
+    assert bn.eval()(x).shape == shape  # as the message says
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_a_batch_of_one_without_running_statistics_says_eval_would_not_help(training, rng):
+    bn = fastbn.BatchNorm(3, track_running_stats=False)
+    before = _trained(bn, rng)
+    bn.train(training)
+    with pytest.raises(ValueError, match=re.escape(
+            "BatchNorm(3): training needs more than one value per channel, but x of shape (1, 3) "
+            "has 1 per channel (channel axis 1); eval mode would not help: without running "
+            "statistics (track_running_stats=False) the layer normalizes with the batch's "
+            "statistics in eval mode too")):
+        bn(np.ones((1, 3), np.float32))
+    _unchanged(bn, before)
+
+
+def test_the_eval_hint_is_the_layers_only():
+    with pytest.raises(ValueError, match="more than one value per channel") as info:
+        fastbn.forward(np.ones((1, 100), np.float32), running_mean=np.zeros(100),
+                       running_var=np.ones(100))
+    assert "eval" not in str(info.value)
+
+
+def test_residual_and_dy_shape_errors_name_them(rng):
+    bn = fastbn.BatchNorm(3, activation="relu")
+    x = make_x(rng, (4, 3), 1, np.float32)
+    y = bn(x, np.zeros_like(x))
+    bn.backward(np.ones_like(y))
+    before = _everything(bn), bn._saved
+    with pytest.raises(ValueError, match=re.escape("residual must have x's shape (4, 3), got "
+                                                   "(4, 5)")):
+        bn(x, np.zeros((4, 5), np.float32))
+    _unchanged(bn, before)
+    with pytest.raises(ValueError, match=re.escape("dy must have x's shape (4, 3), got (4, 5)")):
+        bn.backward(np.ones((4, 5), np.float32))
+    _unchanged(bn, before)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint8, np.bool_])
+def test_integer_x_says_to_cast(dtype, rng):
+    bn = fastbn.BatchNorm1d(3)
+    before = _trained(bn, rng)
+    with pytest.raises(TypeError, match=re.escape(
+            f"got dtype {np.dtype(dtype)} (shape (4, 3)); cast it to float32 or float64 first "
+            f"(x.astype(np.float32))")):
+        bn(np.ones((4, 3), dtype))
+    _unchanged(bn, before)
 
 
 def test_state_dict_round_trip_and_errors(rng):

@@ -376,6 +376,10 @@ def _error_calls(x, dy, stats, out):
         (ValueError, "eps", lambda: fastbn.layer_norm(x, 5, eps=0.0, out=out)),
         (ValueError, "eps", lambda: fastbn.rms_norm(x, 5, eps=-1.0, out=out)),
         (TypeError, "float32 or float64", lambda: fastbn.layer_norm(x.astype(np.float16), 5)),
+        (TypeError, "cast it to float32 or float64 first (x.astype(np.float32))",
+         lambda: fastbn.group_norm(x.astype(np.int64), 3, out=out)),
+        (TypeError, "cast it to float32 or float64 first (dy.astype(x.dtype))",
+         lambda: fastbn.layer_norm_backward(dy.astype(np.int32), x, stats, 5, out=out)),
         (ValueError, "out must have x's shape",
          lambda: fastbn.layer_norm(x, 5, out=out[:1])),
         (TypeError, "out must have x's dtype",
@@ -503,6 +507,116 @@ def test_layer_errors():
         fastbn.LayerNorm(3).backward(np.zeros((2, 3)))
     assert fastbn.LayerNorm(4, elementwise_affine=False).params() == {}
     assert set(fastbn.LayerNorm(4, bias=False).state_dict()) == {"weight"}
+
+
+def _layer_state(layer):
+    """What a failed call must leave as it was: the state, gradients and the remembered
+    forward."""
+    return ({k: v.copy() for k, v in layer.state_dict().items()},
+            {k: v.copy() for k, v in layer.grads().items()}, layer._saved)
+
+
+def _assert_layer_unchanged(layer, before):
+    state, grads, saved = _layer_state(layer)
+    assert state.keys() == before[0].keys() and grads.keys() == before[1].keys()
+    assert all(np.array_equal(state[k], before[0][k]) for k in state)
+    assert all(np.array_equal(grads[k], before[1][k]) for k in grads)
+    assert saved is before[2]
+
+
+def _stepped(layer, shape, rng):
+    x = rng.standard_normal(shape).astype(np.float32)
+    layer.backward(np.ones_like(layer(x)))
+    return _layer_state(layer)
+
+
+SHAPE_ERRORS = [
+    (lambda: fastbn.LayerNorm(100), (4, 100), (64, 128),
+     "LayerNorm(100) expects 100 features on x's last axis (normalized_shape (100,)), but x of "
+     "shape (64, 128) has 128 there"),
+    (lambda: fastbn.LayerNorm(100, elementwise_affine=False), (4, 100), (64, 128),
+     "LayerNorm(100) expects 100 features on x's last axis (normalized_shape (100,)), but x of "
+     "shape (64, 128) has 128 there"),
+    (lambda: fastbn.LayerNorm((4, 100)), (2, 4, 100), (64, 128),
+     "LayerNorm((4, 100)) expects x's last 2 axes to be (4, 100) (normalized_shape), but x of "
+     "shape (64, 128) has (64, 128) there"),
+    (lambda: fastbn.LayerNorm((4, 100)), (2, 4, 100), (100,),
+     "LayerNorm((4, 100)) expects x's last 2 axes to be (4, 100) (normalized_shape), but x of "
+     "shape (100,) has only 1 axis"),
+    (lambda: fastbn.RMSNorm(100), (4, 100), (64, 128),
+     "RMSNorm(100) expects 100 features on x's last axis (normalized_shape (100,)), but x of "
+     "shape (64, 128) has 128 there"),
+    (lambda: fastbn.RMSNorm(100, elementwise_affine=False), (4, 100), (64, 128),
+     "RMSNorm(100) expects 100 features on x's last axis (normalized_shape (100,)), but x of "
+     "shape (64, 128) has 128 there"),
+    (lambda: fastbn.GroupNorm(4, 100), (4, 100), (64, 128),
+     "GroupNorm(4, 100) expects 100 channels on axis 1, but x of shape (64, 128) has 128 there"),
+    (lambda: fastbn.GroupNorm(4, 100, affine=False), (4, 100, 3), (64, 128, 3),
+     "GroupNorm(4, 100) expects 100 channels on axis 1, but x of shape (64, 128, 3) has 128 "
+     "there"),
+    (lambda: fastbn.InstanceNorm1d(100, affine=True), (4, 100, 5), (4, 128, 5),
+     "InstanceNorm1d(100) expects 100 features on axis 1, but x of shape (4, 128, 5) has 128 "
+     "there"),
+    (lambda: fastbn.InstanceNorm2d(100, track_running_stats=True), (4, 100, 5, 5),
+     (4, 128, 5, 5), "InstanceNorm2d(100) expects 100 features on axis 1, but x of shape "
+     "(4, 128, 5, 5) has 128 there"),
+]
+
+
+@pytest.mark.parametrize("make, good, bad, words", SHAPE_ERRORS,
+                         ids=[entry[3].split(" expects")[0] + str(entry[2])
+                              for entry in SHAPE_ERRORS])
+def test_layer_shape_errors_name_the_layer_and_change_nothing(make, good, bad, words, rng):
+    layer = make()
+    before = _stepped(layer, good, rng)
+    with pytest.raises(ValueError, match=re.escape(words) + "$"):
+        layer(np.ones(bad, np.float32))
+    _assert_layer_unchanged(layer, before)
+
+
+@pytest.mark.parametrize("cls, shape", [(fastbn.InstanceNorm1d, (4, 3, 1)),
+                                        (fastbn.InstanceNorm2d, (4, 3, 1, 1))])
+def test_instance_norm_layer_one_spatial_value_suggests_eval(cls, shape, rng):
+    layer = cls(3, affine=True, track_running_stats=True)
+    before = _stepped(layer, (4, 3) + (5,) * (len(shape) - 2), rng)
+    x = np.ones(shape, np.float32)
+    with pytest.raises(ValueError, match=re.escape(
+            f"{cls.__name__}(3) in training needs more than one spatial value per channel, but x "
+            f"of shape {shape} has 1; to normalize with the running statistics instead, call the "
+            f"layer's .eval() first")):
+        layer(x)
+    _assert_layer_unchanged(layer, before)
+    assert layer.eval()(x).shape == shape  # as the message says
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_instance_norm_layer_one_spatial_value_without_running_statistics(training, rng):
+    layer = fastbn.InstanceNorm1d(3)
+    before = _stepped(layer, (4, 3, 5), rng)
+    layer.train(training)
+    with pytest.raises(ValueError, match=re.escape(
+            "InstanceNorm1d(3) normalizes each channel of each sample with its own statistics, in "
+            "eval mode too (it has no running statistics: track_running_stats=False), and needs "
+            "more than one spatial value per channel, but x of shape (4, 3, 1) has 1")):
+        layer(np.ones((4, 3, 1), np.float32))
+    _assert_layer_unchanged(layer, before)
+
+
+@pytest.mark.parametrize("make, shape", [(lambda: fastbn.LayerNorm(5), (4, 5)),
+                                         (lambda: fastbn.RMSNorm(5), (4, 5)),
+                                         (lambda: fastbn.GroupNorm(1, 5), (4, 5)),
+                                         (lambda: fastbn.InstanceNorm1d(5), (4, 5, 3))])
+def test_layer_integer_x_says_to_cast(make, shape, rng):
+    layer = make()
+    before = _stepped(layer, shape, rng)
+    with pytest.raises(TypeError, match=re.escape(
+            f"got dtype int64 (shape {shape}); cast it to float32 or float64 first "
+            f"(x.astype(np.float32))")):
+        layer(np.ones(shape, np.int64))
+    _assert_layer_unchanged(layer, before)
+    with pytest.raises(ValueError, match=re.escape(f"dy must have x's shape {shape}")):
+        layer.backward(np.ones((4, 6), np.float32))
+    _assert_layer_unchanged(layer, before)
 
 
 def test_instance_norm_layer_modes(rng):
