@@ -19,7 +19,7 @@ import sys
 import tempfile
 
 # Every op on both kernel families: planar (N×C×L with long runs) and rows (N×D, channels-last),
-# on small tensors (serial builds), then on tensors of 65,536 values (parallel builds).
+# on small tensors (serial builds), then on tensors of 262,144 values (parallel builds).
 FIRST_CALLS = r"""
 import time
 start = time.perf_counter()
@@ -27,7 +27,7 @@ import numpy as np
 import fastbn
 dtype = np.dtype(DTYPE)
 for shape, axis in (((4, 3, 40), 1), ((40, 100), 1), ((4, 5, 6, 3), -1), (None, None),
-                    ((16, 8, 512), 1), ((256, 256), 1), ((16, 16, 16, 16), -1)):
+                    ((16, 8, 2048), 1), ((512, 512), 1), ((32, 32, 16, 16), -1)):
     if shape is None:
         print(f"{time.perf_counter() - start:.2f}")
         continue
