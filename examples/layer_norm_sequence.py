@@ -20,7 +20,7 @@ interface), not speed.
 
     pip install -e ".[examples]"
     python examples/layer_norm_sequence.py [--steps 1000] [--width 32] [--dtype float32]
-                                         [--blas-threads 1]
+                                         [--blas-threads N]
 """
 import argparse
 import os
@@ -204,14 +204,13 @@ def accuracy(model, x, y):
 
 
 def train(layer, data, steps, width=32, hidden=64, learning_rate=3e-3, dtype=np.float32, seed=0,
-          blas_threads=1):
+          blas_threads=None):
     """Train one model with layer norms ``layer`` (a key of LAYERS); returns ``{"losses": the
     training loss of each step, "accuracy": the final test accuracy, "steps_per_second": one over
     the median time of a training step (forward, backward, update: the median, to be fair on a
     shared machine), "model"}``. The same ``seed`` gives the same initial weights and batches
-    whatever the layer. The model's matrices are tiny: the BLAS's threads only wait on each other
-    on them (20 times slower on 2 busy cores), hence ``blas_threads`` (by threadpoolctl, which
-    comes with scikit-learn)."""
+    whatever the layer. ``blas_threads`` limits the BLAS's threads (by threadpoolctl, which comes
+    with scikit-learn); None, the default, leaves NumPy's own setting, as users run."""
     from threadpoolctl import threadpool_limits
     with threadpool_limits(blas_threads, user_api="blas"):
         return _train(layer, data, steps, width, hidden, learning_rate, dtype, seed)
@@ -242,7 +241,8 @@ def main():
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--blas-threads", type=int, default=1)
+    parser.add_argument("--blas-threads", type=int, default=None,
+                        help="limit the BLAS's threads (default: NumPy's own setting)")
     args = parser.parse_args()
     data = load_digits_split()
     options = {"width": args.width, "hidden": args.hidden, "learning_rate": args.learning_rate,
