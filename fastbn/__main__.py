@@ -15,7 +15,7 @@ import numpy as np
 
 import fastbn
 from fastbn.cases import (EPS, FAMILY, LAYOUTS, MOMENTUM, OPS, Case, NormCase, host, on_device,
-                          torch_batch_norm)
+                          relative_error, torch_batch_norm)
 
 NO_GPU = ("python -m fastbn --device cuda: no usable CUDA GPU here; the GPU path needs an NVIDIA "
           "GPU with its driver and the CUDA extra: pip install \"fastbn[cuda]\"")
@@ -36,14 +36,6 @@ def _best_time(fn, repeat):
         fn()
         best = min(best, time.perf_counter() - start)
     return best
-
-
-def _relative_error(actual, expected):
-    """max|actual - expected| over max(1, max|expected|) (``Case.errors``' measure)."""
-    actual = host(actual)
-    if actual.shape != expected.shape:
-        raise ValueError(f"a result has shape {actual.shape}, expected {expected.shape}")
-    return float(np.max(np.abs(actual - expected))) / max(1.0, float(np.max(np.abs(expected))))
 
 
 def _layer_norm_reference(x, dy, gamma, beta):
@@ -101,7 +93,7 @@ def _layer_error(dtype, device):
     others = tuple(a for a in range(x.ndim) if a != case.axis % x.ndim)
     for name, batch in (("running_mean", x.mean(others)), ("running_var", x.var(others, ddof=1))):
         expected = (1 - MOMENTUM) * case.host[name].astype(np.float64) + MOMENTUM * batch
-        errors.append(_relative_error(getattr(layer, name), expected))
+        errors.append(relative_error(host(getattr(layer, name)), expected))
     return np.max(errors)
 
 
@@ -113,7 +105,7 @@ def _layer_norm_error(dtype, device):
     y = host(y)  # before the backward runs
     dx, dgamma, dbeta = fastbn.layer_norm_backward(dy, x, stats, case.shape[-1:], case.gamma)
     expected = _layer_norm_reference(case.x, case.dy, case.gamma, case.beta)
-    return np.max([_relative_error(actual, reference)
+    return np.max([relative_error(host(actual), reference)
                    for actual, reference in zip((y, dx, dgamma, dbeta), expected, strict=True)])
 
 

@@ -237,15 +237,18 @@ class Case:
         """``{output name: error}`` of an op's ``result`` against :meth:`reference`: max|actual -
         reference| over max(1, max|reference|), NaN where there is one; ``to_numpy`` turns each
         output into a NumPy array. Raises ValueError for an output of the wrong shape."""
-        errors = {}
-        for name, actual, expected in zip(op.outputs, _as_tuple(result), self.reference(op),
-                                          strict=True):
-            actual = to_numpy(actual)
-            if actual.shape != expected.shape:
-                raise ValueError(f"{name} has shape {actual.shape}, expected {expected.shape}")
-            scale = max(1.0, float(np.max(np.abs(expected))))
-            errors[name] = float(np.max(np.abs(actual - expected))) / scale
-        return errors
+        return {name: relative_error(to_numpy(actual), expected, name)
+                for name, actual, expected in zip(op.outputs, _as_tuple(result),
+                                                  self.reference(op), strict=True)}
+
+
+def relative_error(actual, expected, name="a result"):
+    """max|actual - expected| over max(1, max|expected|), NaN where there is one; raises
+    ValueError when the shapes differ."""
+    if actual.shape != expected.shape:
+        raise ValueError(f"{name} has shape {actual.shape}, expected {expected.shape}")
+    scale = max(1.0, float(np.max(np.abs(expected))))
+    return float(np.max(np.abs(actual - expected))) / scale
 
 
 def peer(case, name):
