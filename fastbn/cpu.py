@@ -1392,22 +1392,11 @@ def _row_map(x, y, base, runs, run, shift, delta, invstd, gamma, beta, stream):
             ys[i] = a * (xs[i] - shift) + b
 
 
-# The backward of layer and RMS norm's rows (a parameter per value, one group) takes these
-# instead of _weighted_gradient_sums and _row_gradient: the same arithmetic, indexed as
-# ``a2[r, k]``, the map and the parameter sums in two loops. The general path's slices and
-# calls cost about 100 ns a row, more than the work of a 64-value row: a layer norm's backward of
-# 512×64 float32 took 97 µs, now 33 (forward, the same change gained nothing measurable).
-
-
-@njit(fastmath=_SUM_MATH, **_helper)
-def _indexed_gradient_sums(dy2, x2, r, mean, gamma):
-    s = 0.0
-    sx = 0.0
-    for k in range(x2.shape[1]):
-        g = np.float64(gamma[k]) * dy2[r, k]
-        s += g
-        sx += g * (x2[r, k] - mean)
-    return s, sx
+# The backward of layer and RMS norm's rows (a parameter per value, one group) takes this
+# instead of _row_gradient: the same arithmetic, indexed as ``a2[r, k]``, the map and the
+# parameter sums in two loops. _row_gradient's slices and branches cost about 100 ns a row, more
+# than the work of a 64-value row: a layer norm's backward of 512×64 float32 took 97 µs, now 33
+# (forward, the same change gained nothing measurable).
 
 
 @njit(fastmath=_MAP_MATH, **_helper)
@@ -1540,7 +1529,7 @@ def _rows_normalize_backward(dy2, x2, dx2, runs, groups, mean, invstd, gamma, tr
             q = r0 = 0.0
             if indexed:
                 if training:
-                    a, b = _indexed_gradient_sums(dy2, x2, r, centre, gamma)
+                    a, b = _weighted_gradient_sums(dy2[r], x2[r], centre, gamma)
                     q = -p * p * p * b / length
                     r0 = 0.0 if mean is None else -p * a / length
                 _indexed_row_gradient(dy2, x2, dx2, r, centre, p, q, r0, gamma, partials, block)
